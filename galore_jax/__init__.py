@@ -1,0 +1,36 @@
+"""galore-jax: GaLore (Gradient Low-Rank Projection) as composable optax transformations.
+
+References:
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024,
+  https://arxiv.org/abs/2403.03507
+"""
+
+from galore_jax.transform import (
+  GaLoreDimensionNumbers,
+  GaLoreState,
+  ScaleByTransformersAdamState,
+  add_decayed_weights_after_update,
+  galore,
+  galore_adamw,
+  galore_mask_by_path,
+  llama_galore_mask,
+  rotate_moments,
+  scale_by_galore,
+  scale_by_transformers_adam,
+)
+
+__all__ = [
+  "GaLoreDimensionNumbers",
+  "GaLoreState",
+  "ScaleByTransformersAdamState",
+  "add_decayed_weights_after_update",
+  "galore",
+  "galore_adamw",
+  "galore_mask_by_path",
+  "llama_galore_mask",
+  "rotate_moments",
+  "scale_by_galore",
+  "scale_by_transformers_adam",
+]
+
+__version__ = "0.1.0"

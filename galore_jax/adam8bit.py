@@ -1,0 +1,366 @@
+"""8-bit Adam(W) as optax transforms, with bitsandbytes' block-wise 8-bit optimizer states.
+
+`scale_by_adam_8bit` is the Adam of bitsandbytes' `Optimizer2State("adam")` with 8-bit blockwise
+states: each moment of a leaf with at least `min_8bit_size` entries is stored as uint8 codes into
+a dynamic quantisation map (signed for `m`, unsigned for `v`) plus one float32 absmax per block of
+`block_size` entries; smaller leaves keep float32 moments. Under `jit` the dequantise -> Adam ->
+requantise sequence of each leaf is one fused computation; no float32 copy of a moment outlives
+the step.
+
+Aliases: `adamw_8bit` (full-rank 8-bit AdamW, bitsandbytes' `AdamW8bit`) and `galore_adamw_8bit`
+(`galore_torch.GaLoreAdamW8bit`: GaLore with 8-bit low-rank moments).
+
+References:
+  Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022,
+  https://arxiv.org/abs/2110.02861
+  Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024,
+  https://arxiv.org/abs/2403.03507
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from galore_jax import _quantize
+from galore_jax.transform import add_decayed_weights_after_update, scale_by_galore
+
+DEFAULT_BLOCK_SIZE = _quantize.DEFAULT_BLOCK_SIZE  # bitsandbytes 0.50's 8-bit optimizer blocks
+DEFAULT_MIN_8BIT_SIZE = 4096  # bitsandbytes' `min_8bit_size`: smaller leaves stay float32
+
+_SIGNED_MAP = _quantize.create_dynamic_map(signed=True)  # first moment
+_UNSIGNED_MAP = _quantize.create_dynamic_map(signed=False)  # second moment
+
+_STATIC_HINT = (
+  "Under optax.inject_hyperparams it may stay injected (it is read once, in init) or be listed in "
+  "static_args=('block_size', 'min_8bit_size')."
+)
+
+
+class QuantizedMoment(NamedTuple):
+  """One optimizer moment of one leaf in 8 bits (see `galore_jax._quantize`).
+
+  Attributes:
+    codes: uint8 `[num_blocks, block_size]`, indices into the moment's dynamic map; the
+      flattened leaf is zero-padded to whole blocks.
+    absmax: float32 `[num_blocks]`, each block's largest magnitude.
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+
+
+class ScaleByAdam8bitState(NamedTuple):
+  """State of `scale_by_adam_8bit`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    mu: first moments, a tree shaped like the params: a `QuantizedMoment` per leaf with at least
+      `min_8bit_size` entries, else a float32 array of the leaf's shape.
+    nu: second moments, laid out like `mu`.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam_8bit(
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  *,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+) -> optax.GradientTransformation:
+  r"""Adam with 8-bit block-wise moments, as bitsandbytes' 8-bit Adam kernel computes it.
+
+  Per entry, with `m`, `v` dequantised from the state and `t` the 1-based step:
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+    u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+          \frac{m_t}{\sqrt{v_t} + \epsilon\sqrt{1-\beta_2^t}}
+
+  which is textbook Adam (`ε` added to `sqrt(v̂_t)`, as in `optax.scale_by_adam`) written the way
+  bitsandbytes' CUDA kernel evaluates it, not the transformers/GaLoreAdamW placement
+  (`ε` on the uncorrected `sqrt(v_t)`). The update uses the float32 `m_t`, `v_t`; they are then
+  requantised: `m` to the signed dynamic map (a negative `m` never rounds to the zero code),
+  `v` to the unsigned one, each block normalised by its absmax. As in bitsandbytes' CUDA kernel,
+  an entry whose gradient is NaN or ±Inf gets zero moments and a zero update (so one bad value
+  cannot poison its block's scale).
+
+  Args:
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: `ε` (bitsandbytes' default 1e-8).
+    block_size: entries per quantisation block (static; bitsandbytes 0.50 uses 256).
+    min_8bit_size: leaves with fewer entries keep float32 moments (static; bitsandbytes: 4096).
+
+  Returns:
+    An `optax.GradientTransformation` with `ScaleByAdam8bitState`; no learning rate (chain
+    `optax.scale_by_learning_rate`). Updates come back in each gradient's dtype. It never reads
+    `params`, so it can be the inner optimizer of `scale_by_galore` on any ranks (>= 0 dims).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_jax as gj
+    >>> tx = optax.chain(gj.scale_by_adam_8bit(), optax.scale_by_learning_rate(1e-3))
+    >>> params = {"w": jnp.ones((64, 128)), "b": jnp.ones((128,))}
+    >>> state = tx.init(params)
+    >>> state[0].mu["w"].codes.shape, state[0].mu["b"].dtype
+    ((32, 256), dtype('float32'))
+
+  References:
+    Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
+    https://arxiv.org/abs/2110.02861
+  """
+  for name, value in (("block_size", block_size), ("min_8bit_size", min_8bit_size)):
+    if not isinstance(value, jax.Array):  # injected (possibly traced) arrays are read in init
+      _static_int(value, name)
+
+  def init_fn(params):
+    bs = _static_int(block_size, "block_size")
+    min_size = _static_int(min_8bit_size, "min_8bit_size")
+
+    def zeros(p, qmap):
+      shape = jnp.shape(p)
+      if math.prod(shape) < min_size:
+        return jnp.zeros(shape, jnp.float32)
+      return QuantizedMoment(*_quantize.quantize_blockwise(jnp.zeros(shape), qmap, bs))
+
+    mu = jax.tree.map(lambda p: zeros(p, _SIGNED_MAP), params)
+    nu = jax.tree.map(lambda p: zeros(p, _UNSIGNED_MAP), params)
+    return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, nu)
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    beta1, beta2 = jnp.asarray(b1, jnp.float32), jnp.asarray(b2, jnp.float32)
+    correction1 = 1.0 - beta1**t
+    correction2 = jnp.sqrt(1.0 - beta2**t)
+    coeffs = (beta1, beta2, correction2 / correction1, jnp.asarray(eps, jnp.float32) * correction2)
+
+    leaves, treedef = jax.tree.flatten(updates)
+    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    out, new_mu, new_nu = [], [], []
+    for g, m, v in zip(leaves, mus, nus):
+      u, m, v = _adam_leaf(g, m, v, coeffs)
+      out.append(u)
+      new_mu.append(m)
+      new_nu.append(v)
+    new_state = ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adam_leaf(g, m_state, v_state, coeffs):
+  """One leaf: dequantise, bitsandbytes' Adam step in float32, requantise."""
+  beta1, beta2, step_size, eps_hat = coeffs
+  g32 = jnp.asarray(g).astype(jnp.float32)
+  m = _load(m_state, _SIGNED_MAP, g32.shape)
+  v = _load(v_state, _UNSIGNED_MAP, g32.shape)
+  finite = jnp.isfinite(g32)
+  m = jnp.where(finite, m * beta1 + (1.0 - beta1) * g32, 0.0)
+  v = jnp.where(finite, v * beta2 + ((1.0 - beta2) * g32) * g32, 0.0)
+  u = jnp.where(finite, step_size * (m / (jnp.sqrt(v) + eps_hat)), 0.0)
+  m_new = _store(m, m_state, _SIGNED_MAP, preserve_sign=True)
+  v_new = _store(v, v_state, _UNSIGNED_MAP, preserve_sign=False)
+  return u.astype(jnp.asarray(g).dtype), m_new, v_new
+
+
+def _load(state, qmap, shape):
+  """A moment as float32 in the leaf's shape."""
+  if isinstance(state, QuantizedMoment):
+    block_size = state.codes.shape[-1]  # static: read from the state, never from a hyperparam
+    return _quantize.dequantize_blockwise(state.codes, state.absmax, qmap, block_size, shape)
+  return state.astype(jnp.float32)
+
+
+def _store(x, state, qmap, preserve_sign):
+  """A float32 moment back in the storage format of `state`."""
+  if isinstance(state, QuantizedMoment):
+    block_size = state.codes.shape[-1]
+    codes, absmax = _quantize.quantize_blockwise(x, qmap, block_size, preserve_sign=preserve_sign)
+    return QuantizedMoment(codes, absmax)
+  return x.astype(state.dtype)
+
+
+def _static_int(value, name: str) -> int:
+  """A Python int from an int or a concrete integer array (what inject_hyperparams passes)."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    arr = np.asarray(value)
+    if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
+      raise TypeError
+  except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    raise ValueError(
+      f"scale_by_adam_8bit: `{name}` fixes state shapes and must be a concrete integer, got "
+      f"{value!r}. {_STATIC_HINT}"
+    ) from None
+  out = int(arr)
+  if out < (1 if name == "block_size" else 0):
+    raise ValueError(f"scale_by_adam_8bit: `{name}` must be positive, got {out}.")
+  return out
+
+
+def adam8bit_state_bytes(
+  shape: tuple[int, ...],
+  dtype: Any = None,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+) -> int:
+  """Exact bytes of the two moments `scale_by_adam_8bit` keeps for one leaf.
+
+  `2 * (B * block_size + 4 * B)` with `B = ceil(n / block_size)` (padded uint8 codes and float32
+  scales) for a leaf of `n >= min_8bit_size` entries, else `2 * 4 * n` (float32 moments). The
+  transform's state adds one int32 `count` (4 bytes) for the whole tree.
+
+  Args:
+    shape: the leaf's shape (the low-rank shape when it is GaLore's inner optimizer).
+    dtype: the leaf's dtype; unused, since the moments are uint8/float32 whatever the parameter
+      dtype (as in bitsandbytes). Accepted so all state-size helpers share one call.
+    block_size: as given to `scale_by_adam_8bit`.
+    min_8bit_size: as given to `scale_by_adam_8bit`.
+
+  Returns:
+    Bytes, as an int.
+  """
+  del dtype
+  size = math.prod(shape)
+  if size < min_8bit_size:
+    return 2 * 4 * size
+  return 2 * _quantize.quantized_nbytes(size, block_size)
+
+
+def adamw_8bit(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-2,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+) -> optax.GradientTransformation:
+  r"""bitsandbytes' `AdamW8bit`: 8-bit Adam, then decoupled weight decay after the step.
+
+  bitsandbytes' CUDA kernel (the one the GaLore reference ran) first applies the Adam step and
+  then multiplies the parameter by `1 - lr * wd`:
+
+  .. math::
+    p_{t} = (p_{t-1} - \eta\, u_t)(1 - \eta\lambda)
+
+  (its CPU and Triton kernels decay first, `p (1 - ηλ) - η u`, which differs by `η²λ u`). This
+  chain reproduces the CUDA placement with `add_decayed_weights_after_update`.
+
+  Args:
+    learning_rate: `η`, a float or a schedule.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: `ε` (on `sqrt(v̂)`; see `scale_by_adam_8bit`).
+    weight_decay: `λ` (bitsandbytes' AdamW8bit default 1e-2).
+    mask: which leaves decay: a pytree of bools or a callable `params -> pytree` (default all).
+    block_size: quantisation block size (static).
+    min_8bit_size: smaller leaves keep float32 moments (static).
+
+  Returns:
+    An `optax.GradientTransformation`; `update` needs `params`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_jax as gj
+    >>> tx = gj.adamw_8bit(optax.cosine_decay_schedule(1e-3, 1000), weight_decay=0.1)
+    >>> params = {"w": jnp.ones((64, 128))}
+    >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, tx.init(params), params)
+
+  References:
+    Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
+    https://arxiv.org/abs/2110.02861
+  """
+  return optax.chain(
+    scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
+    optax.scale_by_learning_rate(learning_rate),
+    add_decayed_weights_after_update(weight_decay, learning_rate, mask),
+  )
+
+
+def galore_adamw_8bit(
+  learning_rate: optax.ScalarOrSchedule,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  proj_type: str = "std",
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  block_size: int = DEFAULT_BLOCK_SIZE,
+  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+  **galore_kwargs,
+) -> optax.GradientTransformation:
+  r"""`galore_torch.GaLoreAdamW8bit`: GaLore with 8-bit low-rank Adam moments.
+
+  Masked leaves: the gradient is projected to rank `rank`, 8-bit Adam (`scale_by_adam_8bit`)
+  runs on the low-rank gradient (its moments are 8-bit when the *low-rank* shape has at least
+  `min_8bit_size` entries, as in the reference), the result is projected back times `scale`.
+  Other leaves: full-rank 8-bit Adam. Then, for every leaf,
+
+  .. math::
+    p_t = (p_{t-1} - \eta\, \tilde u_t)(1 - \eta\lambda)
+
+  which is both the reference's placement for GaLore leaves (decay stashed, applied after the
+  update on the full weight) and bitsandbytes' CUDA in-kernel placement for plain leaves, so one
+  chain is exact for both.
+
+  Args:
+    learning_rate: `η`, a float or a schedule.
+    rank: subspace rank (static).
+    update_proj_gap: refresh period in steps (static).
+    scale: GaLore's `α`.
+    proj_type: see `galore_jax.scale_by_galore`.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: `ε` (bitsandbytes' default 1e-8; on `sqrt(v̂)`).
+    weight_decay: `λ` (the reference's class default is 1e-2; its training script passes its own).
+    mask: which leaves GaLore projects (see `scale_by_galore`);
+      `galore_jax.llama_galore_mask` is the paper's attention + MLP selection.
+    block_size: quantisation block size (static).
+    min_8bit_size: smaller (low-rank) leaves keep float32 moments (static).
+    **galore_kwargs: further keyword options of `scale_by_galore` (`dimension_numbers`,
+      `projector_dtype`, `subspace_method`, ...). `on_refresh` must stay `"keep"` (the reference):
+      resetting or rotating 8-bit moments is not implemented.
+
+  Returns:
+    An `optax.GradientTransformation`; `update` needs `params`.
+
+  Example:
+    >>> import galore_jax as gj
+    >>> tx = gj.galore_adamw_8bit(1e-2, rank=128, update_proj_gap=200, scale=0.25,
+    ...                           mask=gj.llama_galore_mask)
+
+  References:
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+    https://arxiv.org/abs/2403.03507
+  """
+  if galore_kwargs.get("on_refresh", "keep") != "keep":
+    raise ValueError(
+      f"galore_adamw_8bit: on_refresh={galore_kwargs['on_refresh']!r} is not supported with "
+      "8-bit moments (they are stored as codes + scales); use on_refresh='keep'."
+    )
+  inner = scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
+  return optax.chain(
+    scale_by_galore(inner, rank, update_proj_gap, scale, proj_type, mask=mask, **galore_kwargs),
+    optax.scale_by_learning_rate(learning_rate),
+    add_decayed_weights_after_update(weight_decay, learning_rate),
+  )

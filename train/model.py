@@ -1,0 +1,546 @@
+"""LLaMA in Flax NNX, as in the GaLore reference's pre-training code, with its model sizes.
+
+The architecture follows the reference's local copy of HF LLaMA (``peft_pretraining/
+modeling_llama.py``): RMSNorm (eps 1e-6, variance in float32), rotary position embeddings with
+HF's ``rotate_half`` convention (so HF weights import directly), causal self-attention with no
+padding mask (right padding plus a masked loss makes the mask unnecessary), a SwiGLU MLP, no
+biases, an untied LM head and N(0, 0.02) init for every kernel and the embedding.
+
+Parameter paths are built for GaLore targeting by name, like the reference's "attn"/"mlp" rule:
+attention kernels live under ``attn`` (``layers/attn/q_proj/kernel``), MLP kernels under ``mlp``
+(``layers/mlp/gate_proj/kernel``); the embedding, LM head and norms never contain either word.
+Kernels are Flax layout ``(in, out)``; with ``scan_layers`` they are stacked to ``[N, in, out]``
+and layers are applied with ``nnx.scan``, otherwise ``layers`` is an ``nnx.List`` indexed by layer.
+
+References: GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+(https://arxiv.org/abs/2403.03507); LLaMA (https://arxiv.org/abs/2302.13971).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.typing import DTypeLike
+
+# Remat policy names -> jax.checkpoint policies ("none" means no remat at all).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+  "full": None,  # save only each block's input; recompute the whole block
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # same as "full"
+  "everything_saveable": jax.checkpoint_policies.everything_saveable,  # saves no memory
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a LLaMA decoder.
+
+  Dimension letters used in tensor names (``x_BxLxD``, ``logits_BxLxV``, ``kernel_NxDxF``):
+    B batch, L sequence length, D hidden (model) dim, H attention heads, K head dim (D / H),
+    F MLP intermediate dim, V vocabulary size, N layers.
+
+  Attributes:
+    vocab_size: V.
+    hidden_dim: D.
+    mlp_dim: F.
+    num_heads: H; must divide D, and K = D / H must be even (rotary pairs).
+    num_layers: N.
+    rms_norm_eps: epsilon added to the mean square in RMSNorm.
+    rope_base: rotary base (theta); inverse frequencies are base^(-2i/K).
+    init_std: standard deviation of the N(0, std) init of every kernel and the embedding.
+    dtype: compute dtype (activations, logits). RMSNorm variance, rotary and the loss always run
+      in float32. ``jnp.float32`` or ``jnp.bfloat16`` (the paper's pure-bf16 runs).
+    param_dtype: dtype the parameters are stored in (pure bf16 = both dtypes bf16).
+    scan_layers: stack the N blocks (kernels ``[N, in, out]``) and run them with ``nnx.scan``
+      (compile time independent of N); False keeps an ``nnx.List`` of N blocks (2-D kernels).
+    remat_policy: activation rematerialisation of each decoder block. "none": off. "full" or
+      "nothing_saveable": keep only block inputs, recompute everything. "dots_saveable": keep
+      every matmul output. "dots_with_no_batch_dims_saveable": keep the weight matmuls (q/k/v/o,
+      gate/up/down) but recompute attention scores. "everything_saveable": remat wrapper that
+      saves everything (for testing).
+  """
+
+  vocab_size: int
+  hidden_dim: int
+  mlp_dim: int
+  num_heads: int
+  num_layers: int
+  rms_norm_eps: float = 1e-6
+  rope_base: float = 10000.0
+  init_std: float = 0.02
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    # Normalise dtypes so "bfloat16" (e.g. from a CLI override) works and configs hash equal.
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    for name in ("vocab_size", "hidden_dim", "mlp_dim", "num_heads", "num_layers"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.hidden_dim % self.num_heads or (self.hidden_dim // self.num_heads) % 2:
+      raise ValueError(
+        f"hidden_dim={self.hidden_dim} must split into num_heads={self.num_heads} heads "
+        "of even size (rotary embeddings rotate pairs)"
+      )
+    if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+      known = ", ".join(["none", *REMAT_POLICIES])
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; known: {known}")
+
+  @property
+  def head_dim(self) -> int:
+    """K = D / H."""
+    return self.hidden_dim // self.num_heads
+
+
+def _size(hidden: int, inter: int, heads: int, layers: int, vocab: int = 32000) -> LlamaConfig:
+  return LlamaConfig(
+    vocab_size=vocab, hidden_dim=hidden, mlp_dim=inter, num_heads=heads, num_layers=layers
+  )
+
+
+# The reference's configs/llama_*.json (REFERENCE.md 4.7): hidden, intermediate, heads, layers.
+LLAMA_SIZES: dict[str, LlamaConfig] = {
+  "9m": _size(128, 352, 4, 4),
+  "20m": _size(256, 688, 4, 4),
+  "35m": _size(384, 1024, 8, 6),
+  "40m": _size(416, 1024, 8, 8),
+  "60m": _size(512, 1376, 8, 8),
+  "71m": _size(512, 1368, 8, 12),
+  "100m": _size(640, 1708, 10, 12, vocab=32100),
+  "130m": _size(768, 2048, 12, 12),
+  "250m": _size(768, 2560, 16, 24),
+  "350m": _size(1024, 2736, 16, 24),
+  "1b": _size(2048, 5461, 32, 24),
+  "3b": _size(2560, 6848, 32, 32),
+  "7b": _size(4096, 11008, 32, 32),
+}
+
+
+def llama_config(size: str, **overrides: Any) -> LlamaConfig:
+  """The reference's LLaMA config of a given size, with fields overridden.
+
+  Args:
+    size: one of ``LLAMA_SIZES`` ("9m", "60m", "130m", ..., "7b").
+    **overrides: ``LlamaConfig`` fields to replace, e.g. ``dtype=jnp.bfloat16``.
+
+  Returns:
+    The ``LlamaConfig``.
+
+  Example::
+
+    config = llama_config("60m", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
+  """
+  if size not in LLAMA_SIZES:
+    raise ValueError(f"unknown LLaMA size {size!r}; known sizes: {', '.join(LLAMA_SIZES)}")
+  return dataclasses.replace(LLAMA_SIZES[size], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers.
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned ``scale``; mean square in float32 as in HF LLaMA."""
+
+  def __init__(self, dim: int, *, eps: float, dtype: DTypeLike, param_dtype: DTypeLike):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x32_BxLxD = x_BxLxD.astype(jnp.float32)
+    ms_BxLx1 = jnp.mean(jnp.square(x32_BxLxD), axis=-1, keepdims=True)
+    y_BxLxD = (x32_BxLxD * jax.lax.rsqrt(ms_BxLx1 + self.eps)).astype(self.dtype)
+    return y_BxLxD * self.scale[...].astype(self.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(cos_LxK, sin_LxK)`` for positions 0..L-1, HF layout (frequencies repeated)."""
+  inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs_LxK2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
+  emb_LxK = jnp.concatenate([freqs_LxK2, freqs_LxK2], axis=-1)
+  return jnp.cos(emb_LxK), jnp.sin(emb_LxK)
+
+
+def apply_rope(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+  """x * cos + rotate_half(x) * sin (HF convention), in float32, returned in x's dtype."""
+  x32 = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x32 * cos_LxK[None, :, None, :] + rotated * sin_LxK[None, :, None, :]
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def _linear(c: LlamaConfig, din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+    din,
+    dout,
+    use_bias=False,
+    dtype=c.dtype,
+    param_dtype=c.param_dtype,
+    kernel_init=nnx.initializers.normal(c.init_std),
+    rngs=rngs,
+  )
+
+
+class Attention(nnx.Module):
+  """Causal multi-head self-attention with rotary q/k, via ``jax.nn.dot_product_attention``."""
+
+  def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+    self.num_heads, self.head_dim = c.num_heads, c.head_dim
+    d = c.hidden_dim
+    self.q_proj = _linear(c, d, d, rngs)
+    self.k_proj = _linear(c, d, d, rngs)
+    self.v_proj = _linear(c, d, d, rngs)
+    self.o_proj = _linear(c, d, d, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+    b, seq, d = x_BxLxD.shape
+    split = lambda y: y.reshape(b, seq, self.num_heads, self.head_dim)
+    q_BxLxHxK = apply_rope(split(self.q_proj(x_BxLxD)), cos_LxK, sin_LxK)
+    k_BxLxHxK = apply_rope(split(self.k_proj(x_BxLxD)), cos_LxK, sin_LxK)
+    v_BxLxHxK = split(self.v_proj(x_BxLxD))
+    # No padding mask (as in the reference): with right padding, real positions only see
+    # real positions under the causal mask, and pad targets are masked in the loss.
+    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
+    return self.o_proj(out_BxLxHxK.reshape(b, seq, d))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate x) * up x)."""
+
+  def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate_proj = _linear(c, c.hidden_dim, c.mlp_dim, rngs)
+    self.up_proj = _linear(c, c.hidden_dim, c.mlp_dim, rngs)
+    self.down_proj = _linear(c, c.mlp_dim, c.hidden_dim, rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    h_BxLxF = jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD)
+    return self.down_proj(h_BxLxF)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
+    norm = lambda: RMSNorm(
+      c.hidden_dim, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype
+    )
+    self.input_norm = norm()
+    self.attn = Attention(c, rngs=rngs)
+    self.post_attention_norm = norm()
+    self.mlp = MLP(c, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+    h_BxLxD = x_BxLxD + self.attn(self.input_norm(x_BxLxD), cos_LxK, sin_LxK)
+    return h_BxLxD + self.mlp(self.post_attention_norm(h_BxLxD))
+
+
+def _apply_block(block: Block, x_BxLxD: jax.Array, cos_LxK, sin_LxK) -> jax.Array:
+  return block(x_BxLxD, cos_LxK, sin_LxK)
+
+
+class Llama(nnx.Module):
+  """LLaMA decoder: ``model(tokens_BxL) -> logits_BxLxV``.
+
+  Logits come out in ``config.dtype`` (bf16 in pure-bf16 runs, to keep the largest activation
+  small); ``next_token_loss`` upcasts them to float32.
+
+  Example::
+
+    model = Llama(llama_config("60m"), rngs=nnx.Rngs(0))
+    logits_BxLxV = model(batch["tokens"])
+    loss_sum, num_tokens = next_token_loss(logits_BxLxV, batch["tokens"])
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    self.embed = nnx.Embed(
+      c.vocab_size,
+      c.hidden_dim,
+      dtype=c.dtype,
+      param_dtype=c.param_dtype,
+      embedding_init=nnx.initializers.normal(c.init_std),
+      rngs=rngs,
+    )
+    if c.scan_layers:
+
+      @nnx.split_rngs(splits=c.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def stacked_blocks(rngs: nnx.Rngs) -> Block:
+        return Block(c, rngs=rngs)
+
+      self.layers = stacked_blocks(rngs)
+    else:
+      self.layers = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(
+      c.hidden_dim, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype
+    )
+    self.lm_head = _linear(c, c.hidden_dim, c.vocab_size, rngs)
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    return self.forward_embeddings(self.embed(tokens_BxL))
+
+  def forward_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
+    """Logits from already-embedded inputs (the model minus its embedding lookup)."""
+    c = self.config
+    cos_LxK, sin_LxK = rope_tables(x_BxLxD.shape[1], c.head_dim, c.rope_base)
+    block_fn = _apply_block
+    if c.remat_policy != "none":
+      # prevent_cse is only needed outside scan (scan already blocks the CSE it guards).
+      block_fn = nnx.remat(
+        block_fn, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=not c.scan_layers
+      )
+    if c.scan_layers:
+
+      @nnx.scan(in_axes=(0, nnx.Carry, None, None), out_axes=nnx.Carry)
+      def scan_blocks(block, x_BxLxD, cos_LxK, sin_LxK):
+        return block_fn(block, x_BxLxD, cos_LxK, sin_LxK)
+
+      x_BxLxD = scan_blocks(self.layers, x_BxLxD, cos_LxK, sin_LxK)
+    else:
+      for block in self.layers:
+        x_BxLxD = block_fn(block, x_BxLxD, cos_LxK, sin_LxK)
+    return self.lm_head(self.final_norm(x_BxLxD))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, GaLore targets and parameter counts.
+
+
+def next_token_loss(
+  logits_BxLxV: jax.Array, tokens_BxL: jax.Array, pad_id: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy over non-pad targets, in float32.
+
+  Position t predicts ``tokens[:, t + 1]``; targets equal to ``pad_id`` (T5's 0, right padding)
+  are masked out, as the reference's labels = input_ids with pad -> -100.
+
+  Args:
+    logits_BxLxV: model output, any float dtype (upcast to float32 here).
+    tokens_BxL: int tokens, the batch's ``"tokens"``.
+    pad_id: target id to ignore.
+
+  Returns:
+    ``(loss_sum, num_tokens)``: float32 sum of -log p(target) over unmasked targets, and the
+    int32 number of those targets; the token-weighted mean loss is their ratio.
+  """
+  # L1 = L - 1: the last position has no next token.
+  logits_BxL1xV = logits_BxLxV[:, :-1].astype(jnp.float32)
+  targets_BxL1 = tokens_BxL[:, 1:]
+  mask_BxL1 = targets_BxL1 != pad_id
+  nll_BxL1 = optax.losses.softmax_cross_entropy_with_integer_labels(logits_BxL1xV, targets_BxL1)
+  loss_sum = jnp.sum(jnp.where(mask_BxL1, nll_BxL1, 0.0))
+  return loss_sum, jnp.sum(mask_BxL1, dtype=jnp.int32)
+
+
+def _key_names(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
+  """Plain names (str / int) of a jax key path or an nnx path; drops a trailing "value"."""
+  names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
+  return names[:-1] if names and names[-1] == "value" else names
+
+
+def is_galore_target(path: tuple[Any, ...]) -> bool:
+  """Whether a parameter path is a GaLore target: an attention or MLP kernel.
+
+  The reference's rule (every Linear whose module name contains "attn" or "mlp"). Accepts an
+  nnx path (``("layers", 0, "attn", "q_proj", "kernel")``) or a jax key path.
+  """
+  names = _key_names(path)
+  named = [n for n in names if isinstance(n, str)]
+  return bool(names) and names[-1] == "kernel" and any("attn" in n or "mlp" in n for n in named)
+
+
+def galore_target_mask(params: Any) -> Any:
+  """Pytree of bools over ``params`` (an ``nnx.State`` or a nested dict): True on targets."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_galore_target(p), params)
+
+
+def count_params(config: LlamaConfig) -> dict[str, int]:
+  """Parameter counts from shapes alone (``nnx.eval_shape``: nothing is allocated).
+
+  Returns:
+    ``{"total": ..., "galore_target": ..., "other": ...}``; ``galore_target`` counts the
+    attention and MLP kernels (4 D^2 + 3 D F per layer), ``other`` the embedding, LM head and
+    norms.
+  """
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  total = target = 0
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    size = int(np.prod(var.shape))
+    total += size
+    target += size if is_galore_target(path) else 0
+  return {"total": total, "galore_target": target, "other": total - target}
+
+
+# ----------------------------------------------------------------------------------------------
+# Import from HF transformers.
+
+# Our per-layer path -> (HF key suffix, transpose torch (out, in) to Flax (in, out)).
+_HF_LAYER_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
+  **{("attn", p, "kernel"): (f"self_attn.{p}.weight", True) for p in ("q_proj", "k_proj")},
+  **{("attn", p, "kernel"): (f"self_attn.{p}.weight", True) for p in ("v_proj", "o_proj")},
+  **{
+    ("mlp", p, "kernel"): (f"mlp.{p}.weight", True) for p in ("gate_proj", "up_proj", "down_proj")
+  },
+  ("input_norm", "scale"): ("input_layernorm.weight", False),
+  ("post_attention_norm", "scale"): ("post_attention_layernorm.weight", False),
+}
+_HF_GLOBAL_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
+  ("embed", "embedding"): ("model.embed_tokens.weight", False),
+  ("final_norm", "scale"): ("model.norm.weight", False),
+  ("lm_head", "kernel"): ("lm_head.weight", True),
+}
+# Non-parameter buffers some transformers versions put in the state dict.
+_HF_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _config_from_hf(hf_config: Any, **fields: Any) -> LlamaConfig:
+  """Our config from a transformers ``LlamaConfig``; raises on anything we do not model."""
+  get = lambda name, default=None: getattr(hf_config, name, default)
+  if get("model_type", "llama") != "llama":
+    raise ValueError(f"expected a LLaMA config, got model_type={get('model_type')!r}")
+  if get("tie_word_embeddings", False):
+    raise ValueError("tie_word_embeddings=True is unsupported: the model has an untied lm_head")
+  for name in ("attention_bias", "mlp_bias"):
+    if get(name, False):
+      raise ValueError(f"{name}=True is unsupported: the model has no biases")
+  if get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={get('hidden_act')!r} is unsupported (only 'silu')")
+  if get("attention_dropout", 0.0):
+    raise ValueError(f"attention_dropout={get('attention_dropout')} is unsupported (no dropout)")
+  heads, hidden = hf_config.num_attention_heads, hf_config.hidden_size
+  kv_heads = get("num_key_value_heads") or heads
+  if kv_heads != heads:
+    raise ValueError(
+      f"grouped-query attention (num_key_value_heads={kv_heads} != "
+      f"num_attention_heads={heads}) is unsupported"
+    )
+  if get("head_dim") not in (None, hidden // heads):
+    raise ValueError(f"head_dim={get('head_dim')} != hidden_size / num_attention_heads")
+  # transformers >= 5 keeps rope in `rope_parameters` (`rope_scaling` is an alias); older
+  # versions use `rope_theta` plus `rope_scaling=None`.
+  rope = get("rope_parameters") or get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise ValueError(f"rope scaling {dict(rope)} is unsupported (only rope_type 'default')")
+  return LlamaConfig(
+    vocab_size=hf_config.vocab_size,
+    hidden_dim=hidden,
+    mlp_dim=hf_config.intermediate_size,
+    num_heads=heads,
+    num_layers=hf_config.num_hidden_layers,
+    rms_norm_eps=hf_config.rms_norm_eps,
+    rope_base=float(rope.get("rope_theta", get("rope_theta") or 10000.0)),
+    init_std=get("initializer_range", 0.02),
+    **fields,
+  )
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+  if hasattr(tensor, "detach"):  # torch: numpy has no bfloat16, so go through float32
+    tensor = tensor.detach().cpu()
+    tensor = tensor.float() if str(tensor.dtype) == "torch.bfloat16" else tensor
+    return tensor.numpy()
+  return np.asarray(tensor)
+
+
+def _hf_params(state_dict: Mapping[str, Any], config: LlamaConfig, abstract: Any) -> dict:
+  """Nested pure-dict params (our layout, ``param_dtype``) from an HF state dict."""
+  expected = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  stacked = lambda path: config.scan_layers and path[0] == "layers"  # [N, ...] under scan
+  pairs = [(path, key, t) for path, (key, t) in _HF_GLOBAL_KEYS.items()]
+  for i in range(config.num_layers):
+    prefix = ("layers",) if config.scan_layers else ("layers", i)
+    pairs += [((*prefix, *p), f"model.layers.{i}.{k}", t) for p, (k, t) in _HF_LAYER_KEYS.items()]
+  unexpected = set(state_dict) - {key for _, key, _ in pairs}
+  unexpected = sorted(k for k in unexpected if not _HF_IGNORED_KEY.search(k))
+  if unexpected:
+    raise ValueError(f"unexpected keys in the HF state dict: {unexpected}")
+  arrays: dict[tuple, list] = {}
+  for path, key, transpose in pairs:
+    if key not in state_dict:
+      raise ValueError(f"missing key {key!r} in the HF state dict")
+    array = _to_numpy(state_dict[key])
+    shape = expected[path][1:] if stacked(path) else expected[path]
+    hf_shape = shape[::-1] if transpose else shape
+    if array.shape != hf_shape:
+      raise ValueError(
+        f"shape mismatch for {key!r}: expected {hf_shape} (torch layout, for "
+        f"{'/'.join(map(str, path))} of shape {shape}), got {array.shape}"
+      )
+    arrays.setdefault(path, []).append(jnp.asarray(array.T if transpose else array))
+  nested: dict = {}
+  for path, parts in arrays.items():
+    value = jnp.stack(parts) if stacked(path) else parts[0]
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value.astype(config.param_dtype)
+  return nested
+
+
+def llama_from_hf(
+  model_or_state_dict: Any,
+  hf_config: Any = None,
+  *,
+  dtype: DTypeLike = jnp.float32,
+  param_dtype: DTypeLike = jnp.float32,
+  scan_layers: bool = False,
+  remat_policy: str = "none",
+) -> tuple[LlamaConfig, Llama]:
+  """Our config and model with the weights of a transformers ``LlamaForCausalLM``.
+
+  Torch ``(out, in)`` weights are transposed to Flax ``(in, out)`` kernels and, with
+  ``scan_layers``, stacked to ``[N, in, out]``. Nothing is randomly initialised.
+
+  Args:
+    model_or_state_dict: a ``LlamaForCausalLM`` or its ``state_dict()`` (torch tensors or
+      arrays).
+    hf_config: the transformers ``LlamaConfig``; required with a state dict, defaults to
+      ``model.config`` with a model.
+    dtype, param_dtype, scan_layers, remat_policy: as in ``LlamaConfig``.
+
+  Returns:
+    ``(config, model)``.
+
+  Raises:
+    ValueError: on an HF config we do not model (tied embeddings, biases, rope scaling, GQA,
+      non-silu activation, dropout), or a missing / unexpected key or a shape mismatch.
+
+  Example::
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(..., tie_word_embeddings=False))
+    config, model = llama_from_hf(hf, scan_layers=True)
+  """
+  if hasattr(model_or_state_dict, "state_dict"):
+    hf_config = hf_config if hf_config is not None else model_or_state_dict.config
+    state_dict = model_or_state_dict.state_dict()
+  else:
+    state_dict = model_or_state_dict
+  if hf_config is None:
+    raise ValueError("llama_from_hf needs hf_config when given a state dict")
+  config = _config_from_hf(
+    hf_config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scan_layers=scan_layers,
+    remat_policy=remat_policy,
+  )
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  params = _hf_params(state_dict, config, abstract)
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, params)
+  return config, nnx.merge(graphdef, state)
