@@ -473,7 +473,15 @@ def galore(
   update_proj_gap: int = 200,
   scale: float = 0.25,
   proj_type: str = "std",
-  **kwargs,
+  *,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  dimension_numbers: Any = None,
+  projector_dtype: Any = None,
+  subspace_method: str = "svd",
+  oversample: int = 8,
+  power_iters: int = 1,
+  seed: int = 0,
+  on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   """Wraps any optax optimizer so that it runs in GaLore's low-rank space.
 
@@ -488,7 +496,9 @@ def galore(
     update_proj_gap: refresh period in steps.
     scale: multiplies the projected-back update of targeted leaves.
     proj_type: see `scale_by_galore`.
-    **kwargs: the keyword options of `scale_by_galore` (mask, dimension_numbers, ...).
+    mask: which leaves are projected; see `scale_by_galore`.
+    dimension_numbers, projector_dtype, subspace_method, oversample, power_iters, seed,
+      on_refresh: see `scale_by_galore`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -501,7 +511,21 @@ def galore(
   References:
     Zhao et al., https://arxiv.org/abs/2403.03507
   """
-  return scale_by_galore(inner, rank, update_proj_gap, scale, proj_type, **kwargs)
+  return scale_by_galore(
+    inner,
+    rank,
+    update_proj_gap,
+    scale,
+    proj_type,
+    mask=mask,
+    dimension_numbers=dimension_numbers,
+    projector_dtype=projector_dtype,
+    subspace_method=subspace_method,
+    oversample=oversample,
+    power_iters=power_iters,
+    seed=seed,
+    on_refresh=on_refresh,
+  )
 
 
 def galore_adamw(
@@ -515,7 +539,14 @@ def galore_adamw(
   eps: float = 1e-6,
   weight_decay: float = 0.0,
   mask: Any | Callable[[optax.Params], Any] | None = None,
-  **kwargs,
+  *,
+  dimension_numbers: Any = None,
+  projector_dtype: Any = None,
+  subspace_method: str = "svd",
+  oversample: int = 8,
+  power_iters: int = 1,
+  seed: int = 0,
+  on_refresh: str = "keep",
 ) -> optax.GradientTransformation:
   """`galore_torch.GaLoreAdamW`, exactly.
 
@@ -536,7 +567,11 @@ def galore_adamw(
     weight_decay: decoupled decay coefficient.
     mask: which leaves are projected (see `scale_by_galore`); `galore_jax.llama_galore_mask`
       reproduces the paper's attention + MLP selection.
-    **kwargs: further keyword options of `scale_by_galore`.
+    dimension_numbers, projector_dtype, subspace_method, oversample, power_iters, seed,
+      on_refresh: see `scale_by_galore`.
+
+  Under `optax.inject_hyperparams`, declare the shape-fixing arguments static:
+  `static_args=("rank", "update_proj_gap", "proj_type", "mask")`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -557,7 +592,13 @@ def galore_adamw(
       scale,
       proj_type,
       mask=mask,
-      **kwargs,
+      dimension_numbers=dimension_numbers,
+      projector_dtype=projector_dtype,
+      subspace_method=subspace_method,
+      oversample=oversample,
+      power_iters=power_iters,
+      seed=seed,
+      on_refresh=on_refresh,
     ),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_update(weight_decay, learning_rate),

@@ -1,0 +1,326 @@
+"""The optax contract of galore_jax: shapes, dtypes, jit, wrappers, refresh timing, errors."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import galore_jax as gj
+from galore_jax import _projector
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _params(dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(0), 4)
+  return {
+    "attn": {"kernel": jax.random.normal(k[0], (16, 24), dtype)},
+    "mlp": {"kernel": jax.random.normal(k[1], (24, 10), dtype)},
+    "norm": jax.random.normal(k[2], (16,), dtype),
+    "embed": jax.random.normal(k[3], (30, 16), dtype),
+  }
+
+
+def _grads(step: int, params):
+  keys = jax.random.split(jax.random.key(100 + step), len(jax.tree.leaves(params)))
+  leaves, treedef = jax.tree.flatten(params)
+  return treedef.unflatten([jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+
+
+def _run(tx, params, steps, grads_fn=_grads):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    u, state = update(grads_fn(t, params), state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def test_state_shapes_match_paper_memory_formulas():
+  """Paper Table 1 (m <= n): projector m*r, moments 2*n*r: the smaller side is projected away."""
+  rank = 4
+  params = {"a": jnp.zeros((16, 24)), "b": jnp.zeros((24, 10)), "c": jnp.zeros((12, 12))}
+  state = gj.galore_adamw(1e-3, rank=rank).init(params)
+  galore_state = state[0]
+  adam = galore_state.inner_state
+  for name, p in params.items():
+    m, n = sorted(p.shape)
+    (proj,) = galore_state.projectors[name]
+    assert proj.size == m * rank
+    assert adam.mu[name].size + adam.nu[name].size == 2 * n * rank
+
+
+def test_std_side_rule_matches_reference_layout():
+  # Flax (in, out): torch weight is (out, in). std reduces the input axis when out >= in.
+  assert _projector.side_for("std", in_dim=16, out_dim=24) == "in"
+  assert _projector.side_for("std", in_dim=24, out_dim=10) == "out"
+  assert _projector.side_for("std", in_dim=12, out_dim=12) == "in"  # square: reduce input
+  assert _projector.side_for("reverse_std", in_dim=12, out_dim=12) == "out"
+  assert _projector.side_for("right", in_dim=3, out_dim=99) == "in"
+  assert _projector.side_for("left", in_dim=99, out_dim=3) == "out"
+
+
+def test_rank_at_or_above_min_dim_with_identity_inner_reproduces_gradient():
+  """Paper Sec. 3.3: with r = min(m, n) and rho = identity, back(proj(G)) == G."""
+  params = {"w": jnp.zeros((8, 5))}
+  g = {"w": jax.random.normal(jax.random.key(1), (8, 5))}
+  for proj_type in _projector.PROJ_TYPES:
+    tx = gj.galore(optax.identity(), rank=99, scale=1.0, proj_type=proj_type)
+    u, _ = tx.update(g, tx.init(params))
+    np.testing.assert_allclose(u["w"], g["w"], atol=1e-5)
+
+
+def test_refresh_timing_count_before_increment():
+  """Subspaces are recomputed at counts 0, T, 2T, ... and kept in between."""
+  params = {"w": jnp.zeros((6, 9))}
+  tx = gj.galore(optax.identity(), rank=2, update_proj_gap=3)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  seen = []
+  for t in range(7):
+    _, state = update(_grads(t, params), state)
+    seen.append(np.asarray(state.projectors["w"][0]))
+  changed = [t for t in range(1, 7) if not np.allclose(seen[t], seen[t - 1])]
+  assert changed == [3, 6]
+
+
+def test_refresh_is_a_real_conditional_for_stacked_weights():
+  """The SVD must sit inside a `cond` branch: never executed on non-refresh steps."""
+  params = {"layers": {"attn": jnp.zeros((4, 8, 8))}, "mlp": jnp.zeros((8, 12))}
+  tx = gj.galore_adamw(1e-3, rank=2, update_proj_gap=5)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+
+  def prims(jaxpr):
+    out = []
+    for eqn in jaxpr.eqns:
+      out.append(eqn.primitive.name)
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        out.extend(prims(sub))
+    return out
+
+  top = [e.primitive.name for e in jaxpr.eqns]
+  assert "svd" not in top
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert any("svd" in prims(b.jaxpr) for c in conds for b in c.params["branches"])
+  hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+  assert "conditional" in hlo
+
+
+def test_stacked_weights_equal_separate_weights():
+  """A [L, in, out] weight gets L independent subspaces, identical to L 2-D weights."""
+  num_layers = 3
+  stacked = {"w": jax.random.normal(jax.random.key(0), (num_layers, 10, 7))}
+  separate = {f"w{i}": stacked["w"][i] for i in range(num_layers)}
+
+  def stacked_grads(t, _):
+    return {"w": jax.random.normal(jax.random.key(50 + t), (num_layers, 10, 7))}
+
+  def separate_grads(t, _):
+    g = stacked_grads(t, None)["w"]
+    return {f"w{i}": g[i] for i in range(num_layers)}
+
+  for proj_type in ("std", "full"):
+    tx = gj.galore_adamw(1e-2, rank=3, update_proj_gap=2, proj_type=proj_type, weight_decay=0.1)
+    p_stacked, _ = _run(tx, stacked, 5, stacked_grads)
+    p_separate, _ = _run(tx, separate, 5, separate_grads)
+    for i in range(num_layers):
+      np.testing.assert_allclose(p_stacked["w"][i], p_separate[f"w{i}"], rtol=1e-6, atol=1e-7)
+
+
+def test_dimension_numbers_for_multi_axis_kernels():
+  """An attention kernel stored [D, H, K] is the matrix [D, H*K] when told so."""
+  w = jax.random.normal(jax.random.key(0), (12, 2, 4))
+  dn = gj.GaLoreDimensionNumbers(reduction_axis=0, output_axis=(1, 2))
+  tx3 = gj.galore(optax.sgd(1.0), rank=3, update_proj_gap=10, dimension_numbers=dn)
+  tx2 = gj.galore(optax.sgd(1.0), rank=3, update_proj_gap=10)
+  g = jax.random.normal(jax.random.key(1), w.shape)
+  u3, _ = tx3.update(g, tx3.init(w))
+  u2, _ = tx2.update(g.reshape(12, 8), tx2.init(w.reshape(12, 8)))
+  np.testing.assert_allclose(u3.reshape(12, 8), u2, rtol=1e-5, atol=1e-6)
+
+
+def test_mask_selects_projected_leaves_and_others_run_full_rank():
+  params = _params()
+  tx = gj.galore_adamw(1e-3, rank=4, mask=gj.llama_galore_mask)
+  state = tx.init(params)
+  projs = state[0].projectors
+  assert isinstance(projs["norm"], optax.MaskedNode)
+  assert isinstance(projs["embed"], optax.MaskedNode)
+  assert state[0].inner_state.mu["embed"].shape == (30, 16)
+  assert state[0].inner_state.mu["attn"]["kernel"].shape == (4, 24)
+  # Non-projected leaves follow plain (transformers-style) AdamW, unscaled.
+  ref = optax.chain(gj.scale_by_transformers_adam(), optax.scale_by_learning_rate(1e-3))
+  g = _grads(0, params)
+  u, _ = tx.update(g, state, params)
+  u_ref, _ = ref.update(g, ref.init(params))
+  np.testing.assert_allclose(u["embed"], u_ref["embed"], rtol=1e-6)
+  np.testing.assert_allclose(u["norm"], u_ref["norm"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes_of_updates_and_state_are_preserved(dtype):
+  params = _params(dtype)
+  tx = gj.galore_adamw(1e-3, rank=4, update_proj_gap=2, mask=gj.llama_galore_mask)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  dtypes0 = jax.tree.map(lambda x: x.dtype, state)
+  for t in range(3):
+    u, state = update(_grads(t, params), state, params)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(u))
+    assert jax.tree.map(lambda x: x.dtype, state) == dtypes0
+  assert state[0].projectors["attn"]["kernel"][0].dtype == dtype
+
+
+def test_projector_dtype_option():
+  params = _params(jnp.bfloat16)
+  tx = gj.galore_adamw(1e-3, rank=4, projector_dtype=jnp.float32, mask=gj.llama_galore_mask)
+  state = tx.init(params)
+  assert state[0].projectors["attn"]["kernel"][0].dtype == jnp.float32
+  u, _ = jax.jit(tx.update)(_grads(0, params), state, params)
+  assert u["attn"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_jit_does_not_recompile_across_steps():
+  params = _params()
+  tx = gj.galore_adamw(optax.linear_schedule(0.0, 1e-3, 10), rank=4, update_proj_gap=2)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(5):
+    _, state = update(_grads(t, params), state, params)
+  assert update._cache_size() == 1
+
+
+def test_inject_hyperparams_and_schedules():
+  params = _params()
+  factory = optax.inject_hyperparams(
+    gj.galore_adamw, static_args=("rank", "update_proj_gap", "proj_type", "mask")
+  )
+  sched = optax.linear_schedule(1e-3, 0.0, 4)
+  tx = factory(sched, rank=4, update_proj_gap=2, scale=0.5, weight_decay=0.01, b1=0.8)
+  plain = gj.galore_adamw(sched, rank=4, update_proj_gap=2, scale=0.5, weight_decay=0.01, b1=0.8)
+  p1, s1 = _run(tx, params, 3)
+  p2, _ = _run(plain, params, 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), p1, p2)
+  # the stored value is the one the last (third, count 2) update used
+  np.testing.assert_allclose(s1.hyperparams["learning_rate"], sched(2), rtol=1e-6)
+  s1.hyperparams["scale"] = jnp.asarray(0.0)  # a changed hyperparameter takes effect:
+  u, _ = tx.update(_grads(9, params), s1, p1)  # only the (post-update) decay is left
+  np.testing.assert_allclose(
+    u["attn"]["kernel"], -sched(3) * 0.01 * p1["attn"]["kernel"], rtol=1e-5
+  )
+
+
+def test_static_args_must_be_static():
+  factory = optax.inject_hyperparams(gj.galore_adamw)  # rank not declared static
+  with pytest.raises(ValueError, match="rank.*static_args"):
+    factory(1e-3, rank=4).init(_params())
+
+
+def test_multisteps_and_apply_if_finite_and_chain():
+  params = _params()
+  inner = gj.galore_adamw(1e-3, rank=4, update_proj_gap=2)
+  multi = optax.MultiSteps(inner, every_k_schedule=2)
+  p_multi, _ = _run(multi, params, 4, lambda t, p: _grads(t // 2, p))
+  p_plain, _ = _run(inner, params, 2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_multi, p_plain)
+
+  safe = optax.apply_if_finite(inner, max_consecutive_errors=3)
+  state = safe.init(params)
+  bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), _grads(0, params))
+  u, state = jax.jit(safe.update)(bad, state, params)
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
+  assert int(state.notfinite_count) == 1
+  assert int(state.inner_state[0].count) == 0  # the bad step did not advance GaLore
+
+  tx = optax.chain(optax.clip_by_global_norm(1.0), gj.galore(optax.adam(1e-3), rank=4))
+  p, _ = _run(tx, params, 2)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p))
+
+
+def test_inner_optimizer_needing_params_gets_a_clear_error():
+  tx = gj.galore(optax.adamw(1e-3, weight_decay=0.1), rank=4)
+  params = _params()
+  with pytest.raises(ValueError, match="outside GaLore"):
+    tx.update(_grads(0, params), tx.init(params), params)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"rank": 0}, "rank.*0"),
+    ({"rank": 2.5}, "rank.*2.5"),
+    ({"update_proj_gap": 0}, "update_proj_gap"),
+    ({"proj_type": "diagonal"}, "proj_type.*diagonal"),
+    ({"subspace_method": "qr"}, "subspace_method"),
+    ({"on_refresh": "drop"}, "on_refresh"),
+  ],
+)
+def test_static_argument_validation(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gj.scale_by_galore(**kwargs)
+
+
+def test_dimension_numbers_validation_names_shape():
+  tx = gj.galore(optax.sgd(1.0), rank=2, dimension_numbers=gj.GaLoreDimensionNumbers(0, 3))
+  with pytest.raises(ValueError, match=r"output_axis=3.*\(4, 5\)"):
+    tx.init({"w": jnp.zeros((4, 5))})
+
+
+def test_matches_optax_contrib_galore_when_configured_as_the_same_algorithm(monkeypatch):
+  """optax.contrib.galore differs from the paper in:
+  * side rule: it reduces the *larger* dimension (projector r x max(m, n), states r x min) --
+    our `reverse_std` for non-square kernels, our `std` for square ones;
+  * Adam: textbook `optax.scale_by_adam` (eps 1e-8 on sqrt(v_hat)) vs transformers' eps=1e-6
+    on sqrt(v);
+  * targets: every 2-D leaf by default (embeddings, lm_head too) vs attention/MLP kernels;
+  * weight decay before the learning rate on W_t vs the reference's decay after the update;
+  * raw LAPACK singular-vector signs vs our canonical sign (matters when moments meet a refresh);
+  * no batch axes for stacked layers, no 8-bit, exact SVD only.
+  With the same side rule, the same inner Adam and the same sign convention the two agree.
+  """
+  original_svd = jnp.linalg.svd
+
+  def canonical_svd(a, full_matrices=True, compute_uv=True, **kw):
+    u, s, vh = original_svd(a, full_matrices=full_matrices, compute_uv=compute_uv, **kw)
+    u = _projector.canonical_sign(u)
+    vh = jnp.swapaxes(_projector.canonical_sign(jnp.swapaxes(vh, -1, -2)), -1, -2)
+    return u, s, vh
+
+  monkeypatch.setattr(jnp.linalg, "svd", canonical_svd)
+  shapes = {"tall": (20, 8), "wide": (8, 20), "square": (12, 12)}
+  for name, shape in shapes.items():
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    proj_type = "std" if shape[0] == shape[1] else "reverse_std"
+    ours = gj.galore(
+      optax.scale_by_adam(), rank=3, update_proj_gap=2, scale=0.5, proj_type=proj_type
+    )
+    peer = optax.contrib.scale_by_galore(
+      rank=3, update_proj_gap=2, scale=0.5, base_optimizer=optax.scale_by_adam()
+    )
+    p1, _ = _run(ours, params, 7)
+    p2, _ = _run(peer, params, 7)
+    np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@hypothesis.settings(max_examples=15, deadline=None, derandomize=True)
+@hypothesis.given(
+  shape=st.tuples(st.integers(2, 12), st.integers(2, 12)),
+  rank=st.integers(1, 14),
+  proj_type=st.sampled_from(_projector.PROJ_TYPES),
+)
+def test_projection_is_orthogonal_and_idempotent(shape, rank, proj_type):
+  """P has orthonormal columns; back(proj(G)) is an orthogonal projection of G."""
+  g = jax.random.normal(jax.random.key(sum(shape) + rank), shape)
+  side = _projector.side_for(proj_type, *shape)
+  ps = _projector.svd_projectors(g, side, rank)
+  for p in ps:
+    np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
+  once = _projector.project_back(_projector.project(g, ps, side), ps, side)
+  twice = _projector.project_back(_projector.project(once, ps, side), ps, side)
+  np.testing.assert_allclose(twice, once, atol=1e-5)
+  # At a refresh the captured part is the best rank-r approximation on that side.
+  assert float(jnp.linalg.norm(once)) <= float(jnp.linalg.norm(g)) * (1 + 1e-6)
