@@ -1,0 +1,75 @@
+"""The embedded default: LLaMA-9m with GaLore on the bundled C4 sample, ~10 min on 2 CPU cores.
+
+Run: `python -m train.main --config=configs/default.py --workdir=runs/default`
+Override any field: `--config.optimizer.rank=64 --config.train.num_steps=50`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default training configuration."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.size = "9m"  # one of train.model.LLAMA_SIZES (9m ... 7b)
+  c.model.hidden_dim = 0  # override D of the size; 0 = keep the size's value
+  c.model.mlp_dim = 0  # override F; 0 = keep
+  c.model.num_heads = 0  # override H; 0 = keep
+  c.model.num_layers = 0  # override N; 0 = keep
+  c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (the paper's pure bf16)
+  c.model.param_dtype = "float32"  # parameter (and optimizer-moment) dtype
+  c.model.scan_layers = True  # stack layers [N, in, out] and run them with nnx.scan
+  c.model.remat_policy = "none"  # activation remat per block: none/full/dots_saveable/...
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""  # tfds data dir with c4/en/3.1.0; "" = the bundled sample (data/tfds)
+  c.data.vocab_path = ""  # SentencePiece model; "" = the bundled T5 vocabulary
+  c.data.seq_len = 256  # tokens per sequence, L (the paper: 256)
+  c.data.mode = "pad"  # "pad": one document per row (the paper's); "pack": concatenated
+  c.data.train_split = "train"  # tfds split (slices allowed, e.g. "train[:90%]")
+  c.data.eval_split = "validation"  # tfds split evaluated for perplexity
+  c.data.eval_max_documents = 0  # evaluate only the first N validation documents; 0 = all
+  c.data.seed = 0  # shuffle seed of the training stream
+  c.data.worker_count = 0  # grain worker processes for tokenisation (0 = in-process)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = (
+    "galore_adamw"  # galore_adamw | adamw | galore | adamw_8bit | galore_adamw_8bit
+  )
+  c.optimizer.inner = "adafactor"  # inner optax optimizer for name="galore": adam | adafactor
+  c.optimizer.learning_rate = 0.01  # peak learning rate (the paper: 0.01 for GaLore)
+  c.optimizer.warmup_fraction = 0.1  # linear warmup from 0 over this fraction of steps
+  c.optimizer.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak
+  c.optimizer.b1 = 0.9  # Adam first-moment decay
+  c.optimizer.b2 = 0.999  # Adam second-moment decay
+  c.optimizer.eps = 1e-6  # Adam epsilon (GaLoreAdamW's default, added to sqrt(v))
+  c.optimizer.weight_decay = 0.0  # decoupled weight decay (the paper: 0)
+  c.optimizer.grad_clip_norm = 0.0  # global-norm clipping threshold; 0 = off
+  c.optimizer.rank = 32  # GaLore rank r
+  c.optimizer.update_proj_gap = 50  # GaLore refresh period T in steps
+  c.optimizer.scale = 0.25  # GaLore alpha: multiplies projected updates
+  c.optimizer.proj_type = "std"  # std | reverse_std | left | right | full
+  c.optimizer.subspace_method = "svd"  # svd (exact) | randomized (warm-started range finder)
+  c.optimizer.oversample = 8  # randomized: extra sketch columns
+  c.optimizer.power_iters = 1  # randomized: subspace iterations
+  c.optimizer.on_refresh = "keep"  # moments at a refresh: keep (reference) | reset | rotate
+  c.optimizer.projector_dtype = ""  # projector storage dtype; "" = parameter dtype
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 150  # optimizer updates
+  c.train.batch_size = 16  # sequences per update (global)
+  c.train.grad_accum_steps = 1  # micro-batches per update; must divide batch_size
+  c.train.seed = 0  # model init and step RNG
+  c.train.eval_every = 50  # evaluate every N updates (and at the end)
+  c.train.eval_batch_size = 32  # sequences per eval batch
+  c.train.log_every = 10  # write train metrics every N updates
+  c.train.checkpoint_every = 50  # save every N updates (and at the end)
+  c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
+  c.train.fused_update = False  # layer-wise fused backward+update (needs scan_layers)
+  c.train.progress_bar = True  # tqdm progress bar on stderr
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices
+  c.mesh.fsdp = 1  # fully-sharded axis size (parameters and optimizer state)
+  return c

@@ -1,0 +1,144 @@
+"""Optimizers and learning-rate schedules from a config, through galore_jax's public API."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+import galore_jax as gj
+
+OPTIMIZERS = ("galore_adamw", "adamw", "galore", "adamw_8bit", "galore_adamw_8bit")
+INNER_OPTIMIZERS = ("adam", "adafactor")
+
+
+def warmup_cosine_schedule(
+  peak: float, num_steps: int, warmup_steps: int, min_ratio: float
+) -> optax.Schedule:
+  """The reference's schedule: `lr(0) = 0`, linear warmup, cosine to `min_ratio * peak`.
+
+  Step s (0-based, the optimizer's count before the update) gets `peak * f(s)` with
+  `f(s) = s / warmup` during warmup, then `min + (1 - min) (1 + cos(pi p)) / 2`,
+  `p = (s - warmup) / (num_steps - warmup)` (peft_pretraining/training_utils.py, no restarts).
+  """
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32)
+    warm = s / max(1, warmup_steps)
+    progress = (s - warmup_steps) / max(1, num_steps - warmup_steps)
+    cosine = min_ratio + (1 - min_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.clip(progress, 0, 1)))
+    return peak * jnp.where(s < warmup_steps, warm, cosine)
+
+  return schedule
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning-rate schedule of `config.optimizer` over `config.train.num_steps` updates."""
+  o = config.optimizer
+  warmup = int(round(o.warmup_fraction * config.train.num_steps))
+  return warmup_cosine_schedule(o.learning_rate, config.train.num_steps, warmup, o.min_lr_ratio)
+
+
+def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(
+    rank=o.rank,
+    update_proj_gap=o.update_proj_gap,
+    scale=o.scale,
+    proj_type=o.proj_type,
+    mask=gj.llama_galore_mask,
+    projector_dtype=jnp.dtype(o.projector_dtype) if o.projector_dtype else None,
+    subspace_method=o.subspace_method,
+    oversample=o.oversample,
+    power_iters=o.power_iters,
+    on_refresh=o.on_refresh,
+  )
+
+
+def _adamw(lr: optax.ScalarOrSchedule, o: ml_collections.ConfigDict):
+  """Full-rank AdamW with the same math as galore_adamw's non-GaLore leaves (GaLoreAdamW)."""
+  return optax.chain(
+    gj.scale_by_transformers_adam(o.b1, o.b2, o.eps),
+    optax.scale_by_learning_rate(lr),
+    gj.add_decayed_weights_after_update(o.weight_decay, lr),
+  )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Builds the optimizer named by `config.optimizer.name` (see OPTIMIZERS).
+
+  * `galore_adamw`: the paper's setup: GaLore on attention and MLP kernels, the other leaves
+    plain AdamW at the full learning rate (`galore_jax.galore_adamw`).
+  * `adamw`: the full-rank baseline, transformers-style AdamW (same math as the above).
+  * `galore`: GaLore over another optax optimizer (`config.optimizer.inner`), decay after it.
+  * `adamw_8bit` / `galore_adamw_8bit`: 8-bit moments (galore_jax.adam8bit).
+  Global-norm clipping (`grad_clip_norm > 0`) runs first, on the full-rank gradients.
+  """
+  o = config.optimizer
+  lr = make_schedule(config)
+  if o.name == "galore_adamw":
+    tx = gj.galore_adamw(
+      lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, **_galore_options(o)
+    )
+  elif o.name == "adamw":
+    tx = _adamw(lr, o)
+  elif o.name == "galore":
+    if o.inner == "adam":
+      inner = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.inner == "adafactor":
+      inner = optax.adafactor(
+        lr, decay_rate=0.8, multiply_by_parameter_scale=False, momentum=o.b1 or None
+      )
+    else:
+      raise ValueError(f"config.optimizer.inner={o.inner!r} is not one of {INNER_OPTIMIZERS}.")
+    tx = optax.chain(
+      gj.galore(inner, **_galore_options(o)),
+      gj.add_decayed_weights_after_update(o.weight_decay, lr),
+    )
+  elif o.name in ("adamw_8bit", "galore_adamw_8bit"):
+    tx = _make_8bit(o, lr)
+  else:
+    raise ValueError(f"config.optimizer.name={o.name!r} is not one of {OPTIMIZERS}.")
+  if o.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  return tx
+
+
+def _make_8bit(o: ml_collections.ConfigDict, lr: optax.Schedule):
+  from galore_jax import adam8bit  # noqa: PLC0415 (optional module)
+
+  if o.name == "adamw_8bit":
+    return adam8bit.adamw_8bit(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  opts = _galore_options(o)
+  return adam8bit.galore_adamw_8bit(
+    lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, **opts
+  )
+
+
+def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) -> None:
+  """Clear errors for optimizer settings that cannot work with these parameters."""
+  o = config.optimizer
+  if o.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={o.name!r} is not one of {OPTIMIZERS}.")
+  if "galore" not in o.name:
+    return
+  mask = gj.llama_galore_mask(params)
+  dims = [min(p.shape[-2:]) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+  if not dims:
+    raise ValueError("config.optimizer.name uses GaLore but the model has no attn/mlp kernels.")
+  if not isinstance(o.rank, int) or o.rank < 1 or o.rank > min(dims):
+    raise ValueError(
+      f"config.optimizer.rank={o.rank!r} must be an int in [1, {min(dims)}]: the smallest "
+      f"GaLore-targeted matrix of this model has min(in, out) = {min(dims)}."
+    )
+  if not isinstance(o.update_proj_gap, int) or o.update_proj_gap < 1:
+    raise ValueError(f"config.optimizer.update_proj_gap={o.update_proj_gap!r} must be an int >= 1.")
+
+
+def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
+  """Bytes of `tx`'s state for `params`, from shapes only (nothing allocated)."""
+  shapes = jax.eval_shape(tx.init, params)
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))

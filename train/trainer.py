@@ -1,0 +1,354 @@
+"""The training program: model, data and optimizer wired into a jitted, checkpointed loop.
+
+Only the public APIs of `galore_jax`, `train.model` and `train.data` are used here. Config
+values are resolved into plain Python before `jit`; I/O, logging, eval and checkpoints stay
+outside the compiled step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from train import checkpoint, data, metrics, optim
+from train.model import Llama, LlamaConfig, count_params, llama_config, next_token_loss
+
+
+class TrainState(NamedTuple):
+  """Everything an exact resume needs besides the data iterator's position."""
+
+  step: jax.Array  # int32: updates applied so far
+  params: Any
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32[2] raw key, split per step (reserved for stochastic layers)
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss or gradients became NaN/Inf; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Resolved, static pieces of a run (no config lookups inside jit)."""
+
+  model_config: LlamaConfig
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  data_dir: Path
+  vocab_path: Path
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
+  m = config.model
+  overrides = {k: m[k] for k in ("hidden_dim", "mlp_dim", "num_heads", "num_layers") if m[k]}
+  return llama_config(
+    m.size,
+    **overrides,
+    dtype=jnp.dtype(m.dtype),
+    param_dtype=jnp.dtype(m.param_dtype),
+    scan_layers=m.scan_layers,
+    remat_policy=m.remat_policy,
+  )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Errors that name the config field, before anything is built."""
+  t = config.train
+  for field in ("num_steps", "batch_size", "grad_accum_steps", "eval_every", "checkpoint_every"):
+    value = t[field]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.train.{field}={value!r} must be an int >= 1.")
+  if t.batch_size % t.grad_accum_steps:
+    raise ValueError(
+      f"config.train.batch_size={t.batch_size} is not divisible by "
+      f"config.train.grad_accum_steps={t.grad_accum_steps}."
+    )
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise ValueError(
+      f"config.optimizer.name={config.optimizer.name!r} is not one of {optim.OPTIMIZERS}."
+    )
+  if config.data.mode not in data.MODES:
+    raise ValueError(f"config.data.mode={config.data.mode!r} is not one of {data.MODES}.")
+  if config.data.data_dir and not Path(config.data.data_dir).is_dir():
+    raise ValueError(
+      f"config.data.data_dir={config.data.data_dir!r} does not exist; prepare C4 there with "
+      "`python -m train.prepare_data --output_dir=...` or leave it empty for the bundled sample."
+    )
+  if config.data.vocab_path and not Path(config.data.vocab_path).is_file():
+    raise ValueError(f"config.data.vocab_path={config.data.vocab_path!r} is not a file.")
+  if config.train.fused_update and not config.model.scan_layers:
+    raise ValueError("config.train.fused_update=True needs config.model.scan_layers=True.")
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Model graph, optimizer and data locations from a config (nothing allocated)."""
+  validate_config(config)
+  model_config = model_config_from(config)
+  abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  optim.validate_optimizer_config(config, abstract_params)
+  data_dir = Path(config.data.data_dir) if config.data.data_dir else data.BUNDLED_DATA_DIR
+  vocab = Path(config.data.vocab_path) if config.data.vocab_path else data.BUNDLED_VOCAB
+  return Setup(
+    model_config,
+    graphdef,
+    optim.make_optimizer(config),
+    optim.make_schedule(config),
+    data_dir,
+    vocab,
+  )
+
+
+def init_state(setup: Setup, seed: int) -> TrainState:
+  model = Llama(setup.model_config, rngs=nnx.Rngs(seed))
+  _, params = nnx.split(model, nnx.Param)
+  params = jax.tree.map(jnp.asarray, params)
+  return TrainState(
+    jnp.zeros([], jnp.int32), params, setup.tx.init(params), jax.random.PRNGKey(seed)
+  )
+
+
+def _loss(graphdef, params, tokens_BxL):
+  model = nnx.merge(graphdef, params)
+  return next_token_loss(model(tokens_BxL), tokens_BxL)
+
+
+def make_train_step(setup: Setup, grad_accum_steps: int):
+  """`train_step(state, batch) -> (state, metrics)`, pure; jit it with the state donated.
+
+  The loss is token-weighted over the whole batch: gradients of the summed per-token loss of
+  each micro-batch are accumulated (float32) and divided by the batch's non-pad token count,
+  so accumulation gives the same update as one large batch (the reference averages micro-batch
+  means instead, which weights short documents more).
+  """
+  graphdef, tx = setup.graphdef, setup.tx
+  grad_fn = jax.value_and_grad(lambda p, t: _loss(graphdef, p, t), has_aux=True)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    tokens = batch["tokens"]
+    micro = tokens.reshape(grad_accum_steps, tokens.shape[0] // grad_accum_steps, -1)
+
+    def accumulate(carry, tokens_BxL):
+      g_acc, loss_acc, n_acc = carry
+      (loss_sum, n), g = grad_fn(state.params, tokens_BxL)
+      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+      return (g_acc, loss_acc + loss_sum, n_acc + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
+    if grad_accum_steps == 1:
+      (g_sum, loss_sum, n), _ = accumulate(init, micro[0])
+    else:
+      (g_sum, loss_sum, n), _ = jax.lax.scan(accumulate, init, micro)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng, _ = jax.random.split(state.rng)
+    out = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": n}
+    return TrainState(state.step + 1, params, opt_state, rng), out
+
+  return train_step
+
+
+def make_eval_step(setup: Setup):
+  def eval_step(params, batch):
+    loss_sum, n = _loss(setup.graphdef, params, batch["tokens"])
+    return loss_sum, n
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, batches) -> dict[str, float]:
+  """Token-weighted loss over every non-pad target of the eval split, and its perplexity."""
+  total, count = 0.0, 0
+  for batch in batches:
+    loss_sum, n = eval_step(params, {"tokens": jnp.asarray(batch["tokens"])})
+    total += float(loss_sum)
+    count += int(n)
+  loss = total / max(count, 1)
+  return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": count}
+
+
+def _memory_summary(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 (not every backend reports it)
+    return "n/a"
+  gb = 1e9
+  return (
+    f"arguments {m.argument_size_in_bytes / gb:.3f} GB, outputs "
+    f"{m.output_size_in_bytes / gb:.3f} GB, temp {m.temp_size_in_bytes / gb:.3f} GB"
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  setup = build(config)
+  t = config.train
+  if not config.data.data_dir:
+    data.ensure_bundled_prepared(setup.data_dir)
+  with open(workdir / "config.json", "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  state = init_state(setup, t.seed)
+  train_iter = data.make_train_iterator(
+    setup.data_dir,
+    split=config.data.train_split,
+    seq_len=config.data.seq_len,
+    batch_size=t.batch_size,
+    mode=config.data.mode,
+    seed=config.data.seed,
+    vocab_path=setup.vocab_path,
+    worker_count=config.data.worker_count,
+  )
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, iter_state = restored
+    train_iter.set_state(iter_state)
+    print(f"Resumed from step {int(state.step)} in {ckpt.directory}")
+
+  if config.train.fused_update:
+    from train import fused  # noqa: PLC0415 (optional path)
+
+    train_step = fused.make_fused_train_step(setup, t.grad_accum_steps)
+  else:
+    train_step = make_train_step(setup, t.grad_accum_steps)
+  train_step = jax.jit(train_step, donate_argnums=(0,))
+  batch_spec = {"tokens": jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32)}
+  compiled = train_step.lower(state, batch_spec).compile()
+  eval_step = make_eval_step(setup)
+
+  def eval_batches():
+    max_docs = config.data.eval_max_documents or None
+    return data.make_eval_batches(
+      setup.data_dir,
+      split=config.data.eval_split,
+      seq_len=config.data.seq_len,
+      batch_size=t.eval_batch_size,
+      mode=config.data.mode,
+      vocab_path=setup.vocab_path,
+      max_documents=max_docs,
+    )
+
+  writer = metrics.MetricWriter(workdir)
+  counts = count_params(setup.model_config)
+  adamw_bytes = optim.state_bytes(optim._adamw(1.0, config.optimizer), state.params)
+  summary = {
+    "model": config.model.size,
+    "params": counts["total"],
+    "galore_target_params": counts["galore_target"],
+    "optimizer": config.optimizer.name,
+    "optimizer_state_bytes": optim.state_bytes(setup.tx, state.params),
+    "adamw_state_bytes": adamw_bytes,
+    "compiled_step_memory": _memory_summary(compiled),
+  }
+  if int(state.step) == 0:
+    summary["unigram_perplexity"] = data.unigram_perplexity(
+      setup.data_dir,
+      seq_len=config.data.seq_len,
+      mode=config.data.mode,
+      vocab_path=setup.vocab_path,
+      train_split=config.data.train_split,
+      eval_split=config.data.eval_split,
+    )
+  metrics.print_start_summary(summary)
+  writer.write_summary(summary)
+
+  start_step = int(state.step)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  progress = metrics.Progress(t.num_steps, start_step, enabled=t.progress_bar)
+  pending = None  # (step, metrics future) of the previous step: fetched after dispatching the next
+  last_eval: dict[str, float] = {}
+  t_start = time.time()
+
+  def finish(step_done: int, out) -> dict[str, float]:
+    values = {k: float(v) for k, v in jax.device_get(out).items()}
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      last = ckpt.latest_step()
+      raise TrainingDiverged(
+        f"non-finite loss/gradient at step {step_done}: loss={values['loss']}, grad_norm="
+        f"{values['grad_norm']}. Stopped; the last good checkpoint "
+        f"({'none' if last is None else f'step {last}'}) in {ckpt.directory} is untouched."
+      )
+    values["learning_rate"] = float(setup.schedule(step_done - 1))
+    progress.update(step_done, values)
+    if step_done % t.log_every == 0 or step_done == t.num_steps:
+      writer.write(
+        step_done, {**values, "tokens_per_second": progress.tokens_per_second(tokens_per_step)}
+      )
+    return values
+
+  for step in range(start_step, t.num_steps):
+    batch = {"tokens": jnp.asarray(next(train_iter)["tokens"])}
+    state, out = train_step(state, batch)
+    if pending is not None:
+      finish(*pending)
+    pending = (step + 1, out)
+    done = step + 1
+    boundary = done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps
+    if boundary:
+      finish(*pending)  # checkpoints and evals only see verified-finite states
+      pending = None
+    if done % t.eval_every == 0 or done == t.num_steps:
+      last_eval = evaluate(eval_step, state.params, eval_batches())
+      writer.write(done, last_eval)
+      progress.write(
+        f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
+        f"perplexity {last_eval['eval_perplexity']:.2f}"
+      )
+    if done % t.checkpoint_every == 0 or done == t.num_steps:
+      ckpt.save(done, state, train_iter.get_state())
+  if pending is not None:
+    finish(*pending)
+  ckpt.wait()
+  progress.close()
+  wall = time.time() - t_start
+  final = {
+    "steps": t.num_steps,
+    "wall_seconds": wall,
+    "tokens_per_second": progress.tokens_per_second(tokens_per_step),
+    **last_eval,
+    **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
+  }
+  writer.write_final(final)
+  png = metrics.plot_curves(workdir)
+  metrics.print_end_summary(final, png, workdir)
+  writer.close()
+  sys.stdout.flush()
+  return final
+
+
+def load_metrics(workdir: str | os.PathLike) -> list[dict]:
+  """All records of `workdir/metrics.jsonl` (used by tests and the plots)."""
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+__all__ = [
+  "TrainState",
+  "TrainingDiverged",
+  "build",
+  "evaluate",
+  "init_state",
+  "load_metrics",
+  "make_train_step",
+  "train_and_evaluate",
+  "validate_config",
+]
