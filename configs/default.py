@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.fused_update = False  # layer-wise fused backward+update (needs scan_layers)
   c.train.progress_bar = True  # tqdm progress bar on stderr
+  c.train.stop_after_steps = 0  # stop (with a checkpoint) after this many steps; 0 = num_steps
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices

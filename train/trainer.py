@@ -82,6 +82,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.data.mode not in data.MODES:
     raise ValueError(f"config.data.mode={config.data.mode!r} is not one of {data.MODES}.")
+  if config.train.fused_update and not config.model.scan_layers:
+    raise ValueError("config.train.fused_update=True needs config.model.scan_layers=True.")
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+  """Errors for data locations that do not exist (checked when a run starts, not at build)."""
   if config.data.data_dir and not Path(config.data.data_dir).is_dir():
     raise ValueError(
       f"config.data.data_dir={config.data.data_dir!r} does not exist; prepare C4 there with "
@@ -89,8 +95,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if config.data.vocab_path and not Path(config.data.vocab_path).is_file():
     raise ValueError(f"config.data.vocab_path={config.data.vocab_path!r} is not a file.")
-  if config.train.fused_update and not config.model.scan_layers:
-    raise ValueError("config.train.fused_update=True needs config.model.scan_layers=True.")
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
@@ -198,8 +202,9 @@ def _memory_summary(compiled) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate_data_config(config)
   setup = build(config)
+  workdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   if not config.data.data_dir:
     data.ensure_bundled_prepared(setup.data_dir)
@@ -295,14 +300,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       )
     return values
 
-  for step in range(start_step, t.num_steps):
+  stop = min(t.num_steps, t.stop_after_steps or t.num_steps)
+  for step in range(start_step, stop):
     batch = {"tokens": jnp.asarray(next(train_iter)["tokens"])}
     state, out = train_step(state, batch)
     if pending is not None:
       finish(*pending)
     pending = (step + 1, out)
     done = step + 1
-    boundary = done % t.eval_every == 0 or done % t.checkpoint_every == 0 or done == t.num_steps
+    is_last = done == stop
+    boundary = done % t.eval_every == 0 or done % t.checkpoint_every == 0 or is_last
     if boundary:
       finish(*pending)  # checkpoints and evals only see verified-finite states
       pending = None
@@ -313,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
         f"perplexity {last_eval['eval_perplexity']:.2f}"
       )
-    if done % t.checkpoint_every == 0 or done == t.num_steps:
+    if done % t.checkpoint_every == 0 or is_last:
       ckpt.save(done, state, train_iter.get_state())
   if pending is not None:
     finish(*pending)
@@ -321,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   progress.close()
   wall = time.time() - t_start
   final = {
-    "steps": t.num_steps,
+    "steps": int(state.step),
     "wall_seconds": wall,
     "tokens_per_second": progress.tokens_per_second(tokens_per_step),
     **last_eval,
