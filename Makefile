@@ -38,4 +38,4 @@ format: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache data/tfds
