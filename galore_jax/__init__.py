@@ -5,6 +5,14 @@ References:
   https://arxiv.org/abs/2403.03507
 """
 
+from galore_jax.adam8bit import (
+  QuantizedMoment,
+  ScaleByAdam8bitState,
+  adam8bit_state_bytes,
+  adamw_8bit,
+  galore_adamw_8bit,
+  scale_by_adam_8bit,
+)
 from galore_jax.transform import (
   GaLoreDimensionNumbers,
   GaLoreState,
@@ -20,6 +28,12 @@ from galore_jax.transform import (
 )
 
 __all__ = [
+  "QuantizedMoment",
+  "ScaleByAdam8bitState",
+  "adam8bit_state_bytes",
+  "adamw_8bit",
+  "galore_adamw_8bit",
+  "scale_by_adam_8bit",
   "GaLoreDimensionNumbers",
   "GaLoreState",
   "ScaleByTransformersAdamState",

@@ -158,6 +158,16 @@ def quantize_blockwise(
   return codes.astype(jnp.uint8), absmax_B
 
 
+def zeros_blockwise(
+  size: int, qmap: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[jax.Array, jax.Array]:
+  """`quantize_blockwise` of `size` zeros, built directly (no float32 array of that size)."""
+  q = np.asarray(qmap, np.float32)
+  zero_code = int(np.searchsorted(0.5 * (q[:-1] + q[1:]), np.float32(0), side="left"))
+  b = num_blocks(size, block_size)
+  return jnp.full((b, block_size), zero_code, jnp.uint8), jnp.zeros((b,), jnp.float32)
+
+
 def dequantize_blockwise(
   codes: jax.Array,
   absmax: jax.Array,
@@ -181,7 +191,7 @@ def dequantize_blockwise(
   """
   size = math.prod(shape)
   b = num_blocks(size, block_size)
-  values_BxS = jnp.asarray(qmap, jnp.float32)[codes.reshape(b, block_size).astype(jnp.int32)]
+  values_BxS = _lookup(jnp.asarray(qmap, jnp.float32), codes.reshape(b, block_size))
   out = (values_BxS * absmax[:, None]).reshape(-1)[:size]
   return out.reshape(shape).astype(dtype)
 
@@ -195,11 +205,27 @@ def _nearest_code(normed: jax.Array, qmap) -> jax.Array:
     return jnp.searchsorted(mids, normed, side="left", method="scan_unrolled")
   base, mids_ext, compares = table
   bucket = jax.lax.bitcast_convert_type(normed, jnp.uint32) >> _LUT_SHIFT
-  idx = jnp.asarray(base)[bucket].astype(jnp.int32)
+  idx = _lookup(jnp.asarray(base), bucket).astype(jnp.int32)
   mids_ext = jnp.asarray(mids_ext)
   for _ in range(compares):  # at most `compares` midpoints share a bucket
-    idx = idx + (normed > mids_ext[idx]).astype(jnp.int32)
+    idx = idx + (normed > _lookup(mids_ext, idx)).astype(jnp.int32)
   return idx
+
+
+def _lookup(table: jax.Array, idx: jax.Array) -> jax.Array:
+  """`table[idx]` for in-range unsigned or non-negative indices, as one plain gather."""
+  # jnp indexing adds negative-index fix-ups and an index relayout that keep XLA:CPU from
+  # fusing the gather into its consumers' loops.
+  dnums = jax.lax.GatherDimensionNumbers(
+    offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+  )
+  return jax.lax.gather(
+    table,
+    idx[..., None],
+    dnums,
+    slice_sizes=(1,),
+    mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
 
 
 def _preserve_sign(codes: jax.Array, x: jax.Array, qmap) -> jax.Array:

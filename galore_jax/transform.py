@@ -334,8 +334,13 @@ def _refresh_moments(inner_state, treedef, plans, new_projs, old_projs, on_refre
     leaves = treedef.flatten_up_to(tree)
     out = []
     for x, pl, pn, po in zip(leaves, plans, new_projs, old_projs):
-      if pl is None or not hasattr(x, "shape"):
+      if pl is None:
         out.append(x)
+      elif not hasattr(x, "shape"):
+        raise ValueError(
+          f"galore: on_refresh={on_refresh!r} cannot transform a {type(x).__name__} moment "
+          "(e.g. 8-bit quantised states); use on_refresh='keep'."
+        )
       elif on_refresh == "reset":
         out.append(jnp.zeros_like(x))
       else:
