@@ -73,4 +73,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size; -1 = all remaining devices
   c.mesh.fsdp = 1  # fully-sharded axis size (parameters and optimizer state)
+  c.mesh.shard_projectors = True  # split GaLore projectors over fsdp (False: replicated)
+  c.mesh.distributed = "auto"  # multi-process init: auto (JAX_*/SLURM/Open MPI env) | on | off
   return c

@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from train import checkpoint, data, metrics, optim
+from train import checkpoint, data, metrics, optim, sharding
 from train.model import Llama, LlamaConfig, count_params, llama_config, next_token_loss
 
 
@@ -116,13 +116,28 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   )
 
 
-def init_state(setup: Setup, seed: int) -> TrainState:
-  model = Llama(setup.model_config, rngs=nnx.Rngs(seed))
-  _, params = nnx.split(model, nnx.Param)
-  params = jax.tree.map(jnp.asarray, params)
-  return TrainState(
-    jnp.zeros([], jnp.int32), params, setup.tx.init(params), jax.random.PRNGKey(seed)
-  )
+def init_state(setup: Setup, seed: int, layout: sharding.Layout | None = None) -> TrainState:
+  """A fresh state; with a `layout`, created by one jitted call directly in its shardings (no
+  device ever holds the whole state)."""
+
+  def init():
+    model = Llama(setup.model_config, rngs=nnx.Rngs(seed))
+    _, params = nnx.split(model, nnx.Param)
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(
+      jnp.zeros([], jnp.int32), params, setup.tx.init(params), jax.random.PRNGKey(seed)
+    )
+
+  return init() if layout is None else jax.jit(init, out_shardings=layout.state)()
+
+
+def make_layout(
+  config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Mesh
+) -> sharding.Layout:
+  """Shardings of the training state and batches on `mesh` (see train/sharding.py)."""
+  sharding.validate_batch(config, mesh)
+  abstract = jax.eval_shape(lambda: init_state(setup, 0))
+  return sharding.layout_for_config(config, mesh, abstract)
 
 
 def _loss(graphdef, params, tokens_BxL):
@@ -130,8 +145,12 @@ def _loss(graphdef, params, tokens_BxL):
   return next_token_loss(model(tokens_BxL), tokens_BxL)
 
 
-def make_train_step(setup: Setup, grad_accum_steps: int):
+def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout | None = None):
   """`train_step(state, batch) -> (state, metrics)`, pure; jit it with the state donated.
+
+  With a `layout`, micro-batches keep their rows split over the batch devices, gradients are
+  constrained to the parameters' shardings (a reduce-scatter under FSDP) and split GaLore
+  projectors are gathered, so the optimizer update runs on shards.
 
   The loss is token-weighted over the whole batch: gradients of the summed per-token loss of
   each micro-batch are accumulated (float32) and divided by the batch's non-pad token count,
@@ -144,6 +163,8 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     tokens = batch["tokens"]
     micro = tokens.reshape(grad_accum_steps, tokens.shape[0] // grad_accum_steps, -1)
+    if layout is not None:
+      micro = jax.lax.with_sharding_constraint(micro, layout.micro_batches)
 
     def accumulate(carry, tokens_BxL):
       g_acc, loss_acc, n_acc = carry
@@ -159,7 +180,13 @@ def make_train_step(setup: Setup, grad_accum_steps: int):
       (g_sum, loss_sum, n), _ = jax.lax.scan(accumulate, init, micro)
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if layout is not None:
+      grads = jax.lax.with_sharding_constraint(grads, layout.params)
+      opt_state = jax.lax.with_sharding_constraint(opt_state, layout.update_state.opt_state)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    if layout is not None:  # computed replicated; split (a local slice) only when stored
+      opt_state = jax.lax.with_sharding_constraint(opt_state, layout.update_state.opt_state)
     params = optax.apply_updates(state.params, updates)
     rng, _ = jax.random.split(state.rng)
     out = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": n}
@@ -176,11 +203,15 @@ def make_eval_step(setup: Setup):
   return jax.jit(eval_step)
 
 
-def evaluate(eval_step, params, batches) -> dict[str, float]:
-  """Token-weighted loss over every non-pad target of the eval split, and its perplexity."""
+def evaluate(eval_step, params, batches, put_batch=None) -> dict[str, float]:
+  """Token-weighted loss over every non-pad target of the eval split, and its perplexity.
+
+  `put_batch` turns this process's rows into global arrays (`Layout.put_batch`).
+  """
   total, count = 0.0, 0
+  put_batch = put_batch or (lambda b: {"tokens": jnp.asarray(b["tokens"])})
   for batch in batches:
-    loss_sum, n = eval_step(params, {"tokens": jnp.asarray(batch["tokens"])})
+    loss_sum, n = eval_step(params, put_batch(batch))
     total += float(loss_sum)
     count += int(n)
   loss = total / max(count, 1)
@@ -202,16 +233,21 @@ def _memory_summary(compiled) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary."""
   workdir = Path(workdir)
+  sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
   validate_data_config(config)
   setup = build(config)
-  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  layout = make_layout(config, setup, mesh)
+  # Checkpoints are shared; logs, metrics and plots of processes other than 0 go to a subdir.
+  logdir = workdir if jax.process_index() == 0 else workdir / f"process_{jax.process_index()}"
+  logdir.mkdir(parents=True, exist_ok=True)
   t = config.train
   if not config.data.data_dir:
     data.ensure_bundled_prepared(setup.data_dir)
-  with open(workdir / "config.json", "w") as f:
+  with open(logdir / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
-  state = init_state(setup, t.seed)
+  state = init_state(setup, t.seed, layout)
   train_iter = data.make_train_iterator(
     setup.data_dir,
     split=config.data.train_split,
@@ -234,10 +270,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     train_step = fused.make_fused_train_step(setup, t.grad_accum_steps)
   else:
-    train_step = make_train_step(setup, t.grad_accum_steps)
-  train_step = jax.jit(train_step, donate_argnums=(0,))
+    train_step = make_train_step(setup, t.grad_accum_steps, layout)
+  train_step = jax.jit(
+    train_step,
+    in_shardings=(layout.state, layout.batch),
+    out_shardings=(layout.state, layout.replicated),
+    donate_argnums=(0,),
+  )
   batch_spec = {"tokens": jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32)}
   compiled = train_step.lower(state, batch_spec).compile()
+  train_step = compiled  # calling the jitted function would compile it a second time
   eval_step = make_eval_step(setup)
 
   def eval_batches():
@@ -252,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       max_documents=max_docs,
     )
 
-  writer = metrics.MetricWriter(workdir)
+  writer = metrics.MetricWriter(logdir)
   counts = count_params(setup.model_config)
   adamw_bytes = optim.state_bytes(optim._adamw(1.0, config.optimizer), state.params)
   summary = {
@@ -263,6 +305,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     "optimizer_state_bytes": optim.state_bytes(setup.tx, state.params),
     "adamw_state_bytes": adamw_bytes,
     "compiled_step_memory": _memory_summary(compiled),
+    "mesh": dict(mesh.shape),
+    "optimizer_state_bytes_per_device": sharding.shard_bytes(
+      state.opt_state, layout.state.opt_state
+    ),
   }
   if int(state.step) == 0:
     summary["unigram_perplexity"] = data.unigram_perplexity(
@@ -272,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       vocab_path=setup.vocab_path,
       train_split=config.data.train_split,
       eval_split=config.data.eval_split,
+      max_eval_documents=config.data.eval_max_documents or None,
     )
   metrics.print_start_summary(summary)
   writer.write_summary(summary)
@@ -302,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   stop = min(t.num_steps, t.stop_after_steps or t.num_steps)
   for step in range(start_step, stop):
-    batch = {"tokens": jnp.asarray(next(train_iter)["tokens"])}
+    batch = layout.put_batch(next(train_iter))
     state, out = train_step(state, batch)
     if pending is not None:
       finish(*pending)
@@ -314,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       finish(*pending)  # checkpoints and evals only see verified-finite states
       pending = None
     if done % t.eval_every == 0 or done == t.num_steps:
-      last_eval = evaluate(eval_step, state.params, eval_batches())
+      last_eval = evaluate(eval_step, state.params, eval_batches(), layout.put_batch)
       writer.write(done, last_eval)
       progress.write(
         f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
@@ -335,8 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
   }
   writer.write_final(final)
-  png = metrics.plot_curves(workdir)
-  metrics.print_end_summary(final, png, workdir)
+  png = metrics.plot_curves(logdir)
+  metrics.print_end_summary(final, png, logdir)
   writer.close()
   sys.stdout.flush()
   return final
@@ -355,6 +402,7 @@ __all__ = [
   "evaluate",
   "init_state",
   "load_metrics",
+  "make_layout",
   "make_train_step",
   "train_and_evaluate",
   "validate_config",

@@ -1,0 +1,514 @@
+"""Device meshes and shardings of the training state: data parallel + FSDP through jax.sharding.
+
+JAX's SPMD partitioner does all communication; this module only chooses `NamedSharding`s.
+The mesh has two axes, `("data", "fsdp")`. Batch rows are split over both (FSDP is data
+parallelism whose parameters and optimizer state are also split, over `fsdp`); parameters and
+optimizer state are split over `fsdp` only and replicated over `data`. One device is the 1x1 case.
+
+Sharding rules (`param_specs`, `state_specs`, `make_layout`):
+
+* A GaLore-targeted kernel `[..., I, O]` is split along the axis GaLore *keeps* (`O` when the
+  input axis is reduced, as `proj_type="std"` does when `O >= I`; `I` otherwise). Then the
+  projected gradient `R = Pᵀ G` (`[r, O]`) and the back-projection `P N` contract only unsplit
+  axes and run on local shards, and the low-rank moments are split the same way along the
+  kept axis: per step, GaLore adds no communication besides gathering the projectors.
+* If the kept axis does not divide by the `fsdp` size (LLaMA-1B's F = 5461), the kernel is
+  split along its reduced axis instead, and the update reads its projector split the same way:
+  the projection then reduces only the `r`-sized result (XLA would otherwise gather the whole
+  gradient every step).
+* Projectors `[..., D, r]` are stored split along `D` (`shard_projectors=True`) or replicated.
+  The update reads them replicated: one all-gather of `D r` entries per matrix per step
+  (`r / O` of what FSDP gathers for that weight anyway), and the new ones are split by a local
+  slice. Left split, XLA would carry the split into the refresh and gather the sketch at
+  every QR and product. Replicated storage moves nothing but costs `D r` entries per device:
+  at 7B with r=1024, more than the low-rank moments' share on 8 devices. See
+  benchmarks/results/sharding.md.
+* Other parameters (embedding, LM head, norms) and every state leaf laid out like one (full-rank
+  moments) are split along their largest axis divisible by the `fsdp` size (ties: the last);
+  8-bit moments by whole quantisation blocks; leaves with no divisible axis, scalars and the
+  RNG are replicated.
+
+With `subspace_method="randomized"` the refresh needs nothing more: the sketch `A (Aᵀ Q)` is a
+product of split matrices whose reduction over the split axis is an all-reduce of the
+`D x (r + p)` factor, and the Rayleigh–Ritz QR gathers the `E x (r + p)` factor; no full-size
+gradient matrix moves. The exact `"svd"` has no distributed form in XLA: every device gathers
+each targeted gradient whole (in float32) and runs the same SVD (see
+`benchmarks/sharding_collectives.py`).
+
+Example::
+
+  mesh = make_mesh(data=2, fsdp=4)
+  specs = param_specs(params, mesh.shape["fsdp"], galore_mask=gj.llama_galore_mask(params))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import galore_jax as gj
+from galore_jax.adam8bit import QuantizedMoment
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # batch rows are split over every device
+FSDP = "fsdp"
+
+# proj_type -> which axis of a canonical `[..., I, O]` kernel GaLore keeps (documented in
+# `galore_jax.scale_by_galore`): "std" keeps the larger dim (square: reduces the input, keeps O).
+_KEEPS_OUTPUT = {
+  "std": lambda i, o: o >= i,
+  "reverse_std": lambda i, o: o < i,
+  "right": lambda i, o: True,
+  "left": lambda i, o: False,
+}
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """`(data, fsdp)` sizes with one `-1` resolved to "the remaining devices"; named errors."""
+  sizes = {"data": data, "fsdp": fsdp}
+  for name, size in sizes.items():
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ValueError(f"config.mesh.{name}={size!r} must be a positive int or -1.")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError("config.mesh.data and config.mesh.fsdp cannot both be -1.")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    if num_devices % fixed:
+      other = "fsdp" if free[0] == "data" else "data"
+      raise ValueError(
+        f"config.mesh.{other}={sizes[other]} does not divide the {num_devices} devices, so "
+        f"config.mesh.{free[0]}=-1 has no size."
+      )
+    sizes[free[0]] = num_devices // fixed
+  if sizes["data"] * sizes["fsdp"] != num_devices:
+    raise ValueError(
+      f"config.mesh.data={data} x config.mesh.fsdp={fsdp} = {sizes['data'] * sizes['fsdp']} "
+      f"devices, but there are {num_devices} (jax.device_count()); make the product match "
+      "or set one of them to -1."
+    )
+  return sizes["data"], sizes["fsdp"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:
+  """A `("data", "fsdp")` mesh over `devices` (default: all), with GSPMD (Auto) axes."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(data, fsdp, len(devices))
+  auto = (AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def validate_batch(config: Any, mesh: Mesh) -> None:
+  """Named errors when a (micro-)batch cannot be split evenly over the batch devices."""
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  t = config.train
+  micro = t.batch_size // t.grad_accum_steps
+  if micro % shards:
+    raise ValueError(
+      f"config.train.batch_size={t.batch_size} / config.train.grad_accum_steps="
+      f"{t.grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
+      f"{shards} data-parallel devices (config.mesh.data x config.mesh.fsdp = "
+      f"{mesh.shape['data']} x {mesh.shape['fsdp']})."
+    )
+  if t.eval_batch_size % shards:
+    raise ValueError(
+      f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the {shards} "
+      f"data-parallel devices (config.mesh.data x config.mesh.fsdp = "
+      f"{mesh.shape['data']} x {mesh.shape['fsdp']})."
+    )
+  if jax.process_count() > 1 and t.batch_size % jax.process_count():
+    raise ValueError(
+      f"config.train.batch_size={t.batch_size} is not divisible by the "
+      f"{jax.process_count()} processes."
+    )
+
+
+def _split_largest(shape: tuple[int, ...], fsdp: int) -> P:
+  """Split the largest axis divisible by `fsdp` (ties: the last); replicate if none."""
+  if fsdp == 1:
+    return P()
+  best = None
+  for axis, size in enumerate(shape):
+    if size % fsdp == 0 and (best is None or size >= shape[best]):
+      best = axis
+  return P() if best is None else _on_axis(len(shape), best)
+
+
+def _on_axis(ndim: int, axis: int) -> P:
+  return P(*(FSDP if a == axis % ndim else None for a in range(ndim)))
+
+
+def kept_axis(shape: tuple[int, ...], proj_type: str) -> int | None:
+  """The axis of a `[..., I, O]` kernel that GaLore's `proj_type` keeps (None for "full")."""
+  if proj_type not in _KEEPS_OUTPUT:
+    return None
+  return -1 if _KEEPS_OUTPUT[proj_type](shape[-2], shape[-1]) else -2
+
+
+def param_specs(params: Any, fsdp: int, *, galore_mask: Any = None, proj_type: str = "std") -> Any:
+  """`PartitionSpec` per parameter for an `fsdp`-way split (see the module docstring).
+
+  Args:
+    params: the parameter tree (arrays or `ShapeDtypeStruct`s).
+    fsdp: size of the mesh's `fsdp` axis.
+    galore_mask: tree of bools, True on GaLore-targeted kernels (`[..., in, out]`, the
+      default dimension numbers); None when no GaLore runs.
+    proj_type: GaLore's `proj_type`, which fixes the kept axis of each target.
+
+  Returns:
+    A tree of `PartitionSpec` shaped like `params`.
+  """
+  mask = jax.tree.map(lambda _: False, params) if galore_mask is None else galore_mask
+
+  def spec(p, targeted):
+    shape = tuple(p.shape)
+    kept = kept_axis(shape, proj_type) if targeted else None
+    if kept is not None and fsdp > 1:
+      for axis in (kept, -3 - kept):  # the kept axis, else the reduced one (-1 <-> -2)
+        if shape[axis] % fsdp == 0:
+          return _on_axis(len(shape), axis)
+    return _split_largest(shape, fsdp)
+
+  return jax.tree.map(spec, params, mask)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(jax.tree_util.keystr((k,)) for k in path)
+
+
+def _param_index(params: Any, specs: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], P]]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  return {_path_keys(k): (tuple(p.shape), s) for (k, p), s in zip(flat, spec_leaves)}
+
+
+def _find_param(keys: tuple[str, ...], index: Mapping) -> tuple[tuple[int, ...], P] | None:
+  """The parameter whose path occurs in `keys` (longest first): a state leaf laid out for it."""
+  for start in range(len(keys)):
+    for end in range(len(keys), start, -1):
+      if keys[start:end] in index:
+        return index[keys[start:end]]
+  return None
+
+
+def _like_param(shape: tuple[int, ...], param_shape: tuple[int, ...], spec: P, fsdp: int) -> P:
+  """A state leaf of a parameter: the parameter's spec if every split axis has the same size
+  (full-rank moments; low-rank moments, which shrink only the reduced axis), else the generic
+  rule (e.g. 8-bit moments stored as `[blocks, block_size]`)."""
+  if len(shape) == len(param_shape) and all(
+    name is None or shape[a] == param_shape[a] for a, name in enumerate(spec)
+  ):
+    return spec
+  return _split_largest(shape, fsdp)
+
+
+def _split_on_reduced_axis(param: tuple[tuple[int, ...], P] | None, proj_type: str) -> bool:
+  """Whether a target is split along the axis GaLore reduces (its kept axis did not divide)."""
+  if param is None:
+    return False
+  shape, spec = param
+  kept = kept_axis(shape, proj_type)
+  if kept is None or FSDP not in tuple(spec):
+    return False
+  reduced = len(shape) - (1 if kept % len(shape) == len(shape) - 2 else 2)
+  return tuple(spec).index(FSDP) == reduced
+
+
+def _projector_spec(shape: tuple[int, ...], fsdp: int, split: bool) -> P:
+  """A projector `[..., D, r]`: split along `D` or replicated."""
+  if split and fsdp > 1 and shape[-2] % fsdp == 0:
+    return _on_axis(len(shape), -2)
+  return P()
+
+
+def state_specs(
+  state: Any,
+  params: Any,
+  specs: Any,
+  fsdp: int,
+  *,
+  shard_projectors: bool = True,
+  proj_type: str = "std",
+  for_update: bool = False,
+) -> Any:
+  """`PartitionSpec` per leaf of any tree holding parameters and optimizer state.
+
+  Leaves are matched to parameters by key path (optax states mirror the parameter tree):
+  parameters and state laid out like them follow `specs`; 8-bit moments are split by whole
+  quantisation blocks (codes with their absmax); leaves that belong to no parameter (step,
+  counts, RNG) are replicated. GaLore projectors are split along `D` if `shard_projectors`
+  (storage) or, with `for_update` (how the update reads them), only where the target itself is
+  split along the reduced axis `D` (its kept axis did not divide): there the projection
+  contracts the split axis locally and only `r`-sized results are reduced; elsewhere they are
+  replicated, gathered once per step.
+  """
+  index = _param_index(params, specs)
+  special = lambda x: isinstance(x, (gj.GaLoreState, QuantizedMoment))
+
+  def leaf(path, x):
+    found = _find_param(_path_keys(path), index)
+    if found is None or not np.ndim(x):
+      return P()
+    return _like_param(tuple(x.shape), *found, fsdp)
+
+  def projector(path, p):
+    split = shard_projectors
+    if for_update:
+      split = _split_on_reduced_axis(_find_param(_path_keys(path), index), proj_type)
+    return _projector_spec(tuple(p.shape), fsdp, split)
+
+  def node(prefix, path, x):
+    path = (*prefix, *path)
+    if isinstance(x, QuantizedMoment):
+      split = fsdp > 1 and x.absmax.shape[0] % fsdp == 0
+      return QuantizedMoment(P(FSDP, None) if split else P(), P(FSDP) if split else P())
+    if not isinstance(x, gj.GaLoreState):
+      return leaf(path, x)
+    proj = lambda sub, p: projector((*path, *sub), p)
+    return gj.GaLoreState(
+      P(), jax.tree_util.tree_map_with_path(proj, x.projectors), walk(path, x.inner_state)
+    )
+
+  def walk(prefix, tree):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, x: node(prefix, path, x), tree, is_leaf=special
+    )
+
+  return walk((), state)
+
+
+class Layout(NamedTuple):
+  """Shardings of one run: the state tree, batches and scalars, on `mesh`."""
+
+  mesh: Mesh
+  state: Any  # tree of NamedSharding shaped like the training state: how it is stored
+  update_state: Any  # the same with GaLore projectors replicated: how the update reads it
+  params: Any  # tree of NamedSharding shaped like the parameters (for the gradients)
+  batch: NamedSharding  # tokens [B, L]: rows over every device
+  micro_batches: NamedSharding  # tokens [A, B / A, L] for gradient accumulation
+  replicated: NamedSharding
+
+  def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows of a global batch as one global array per key."""
+    out = {}
+    for k, local in batch.items():
+      local = np.asarray(local)
+      rows = local.shape[0] * jax.process_count()
+      global_shape = (rows, *local.shape[1:])
+      out[k] = jax.make_array_from_process_local_data(self.batch, local, global_shape)
+    return out
+
+
+def make_layout(
+  mesh: Mesh,
+  abstract_state: Any,
+  params: Any,
+  *,
+  galore_mask: Any = None,
+  proj_type: str = "std",
+  shard_projectors: bool = True,
+) -> Layout:
+  """Shardings for a state tree (e.g. `jax.eval_shape` of the initial `TrainState`)."""
+  fsdp = mesh.shape[FSDP]
+  pspecs = param_specs(params, fsdp, galore_mask=galore_mask, proj_type=proj_type)
+  kw = dict(shard_projectors=shard_projectors, proj_type=proj_type)
+  sspecs = state_specs(abstract_state, params, pspecs, fsdp, **kw)
+  # How the update reads and writes the state (projectors replicated, see the module docstring).
+  uspecs = state_specs(abstract_state, params, pspecs, fsdp, **kw, for_update=True)
+  named = lambda tree: jax.tree.map(
+    lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda x: isinstance(x, P)
+  )
+  return Layout(
+    mesh,
+    named(sspecs),
+    named(uspecs),
+    named(pspecs),
+    NamedSharding(mesh, P(BATCH_AXES, None)),
+    NamedSharding(mesh, P(None, BATCH_AXES, None)),
+    NamedSharding(mesh, P()),
+  )
+
+
+def shard_bytes(abstract: Any, shardings: Any) -> int:
+  """Bytes per device of a tree laid out with `shardings` (the largest shard of each leaf)."""
+  total = 0
+  for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    total += math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+  return total
+
+
+# Environment variables of an explicit multi-process launch (JAX reads only the first itself).
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# Cluster launchers whose variables `jax.distributed.initialize()` detects by itself.
+_CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize_distributed(mode: str = "auto", environ: Mapping[str, str] | None = None) -> bool:
+  """Joins a multi-process run (`jax.distributed.initialize`) before any device is used.
+
+  Args:
+    mode: "auto": from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` when
+      set, else from a detected SLURM or Open MPI launch of more than one task, else a single
+      process; "on": always call `jax.distributed.initialize()` (JAX's own cluster detection,
+      e.g. Cloud TPU pods, Kubernetes); "off": never.
+    environ: the environment (default `os.environ`).
+
+  Returns:
+    Whether this is a multi-process run.
+  """
+  env = os.environ if environ is None else environ
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"config.mesh.distributed={mode!r} must be 'auto', 'on' or 'off'.")
+  if jax.distributed.is_initialized():
+    return True
+  if mode == "off":
+    return False
+  given = [k for k in DISTRIBUTED_ENV if env.get(k)]
+  if given:
+    missing = [k for k in DISTRIBUTED_ENV if k not in given]
+    if missing:
+      raise ValueError(f"multi-process run: {', '.join(given)} set but {', '.join(missing)} not.")
+    jax.distributed.initialize(
+      env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    )
+    return True
+  if mode == "on" or any(int(env.get(k, "1")) > 1 for k in _CLUSTER_SIZE_ENV):
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives of a compiled program (for tests and benchmarks/sharding_collectives.py).
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
+_DTYPE_BYTES.update({"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8})
+_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16|f8\w*)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+class Collective(NamedTuple):
+  """One collective of a compiled HLO module.
+
+  `bytes` is the size of what it works on: the result of an all-gather, the operand of the
+  others (each device sends about `(n-1)/n` of it; a ring all-reduce twice that), summed over
+  the `arrays` of a combined (tuple-shaped) collective; `shape` and `largest` describe the
+  largest of those arrays. `count` is how often it runs per execution (the product of the
+  enclosing known loop trip counts); `branch` is `None` outside conditionals, else the index
+  of the enclosing `conditional`'s branch (for `lax.cond`: 1 = the true function, e.g.
+  GaLore's refresh).
+  """
+
+  op: str
+  shape: str
+  arrays: int
+  bytes: int
+  largest: int
+  count: int
+  branch: int | None
+
+
+def _arrays(text: str) -> list[tuple[int, str]]:
+  """(bytes, "dtype[dims]") of each array shape in an HLO shape or operand list."""
+  out = []
+  for dtype, dims in _ARRAY.findall(text):
+    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    out.append(
+      (n * _DTYPE_BYTES.get(dtype, int(re.sub(r"\D", "", dtype) or 8) // 8), f"{dtype}[{dims}]")
+    )
+  return out
+
+
+def _operands(rest: str) -> str:
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      return rest[:i]
+  return rest
+
+
+def hlo_collectives(hlo_text: str) -> list[Collective]:
+  """Every collective of an optimized HLO module (`jax.jit(f).lower(...).compile().as_text()`),
+  with its array size and how often it runs (while loops with a known trip count multiply)."""
+  comps: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    m = _HEADER.match(line)
+    if m:
+      current = comps.setdefault(m.group(1), [])
+      entry = m.group(1) if line.startswith("ENTRY") else entry
+    elif current is not None and line.strip() == "}":
+      current = None
+    elif current is not None:
+      current.append(line)
+  out: list[Collective] = []
+
+  def visit(name: str, count: int, branch: int | None, seen: tuple[str, ...]) -> None:
+    for line in comps.get(name, ()):
+      m = _INSTR.match(line)
+      if not m:
+        continue
+      _, shape, op, rest = m.groups()
+      base = op.removesuffix("-start")
+      if base in COLLECTIVES:
+        result, operands = _arrays(shape), _arrays(_operands(rest))
+        side = result if sum(b for b, _ in result) >= sum(b for b, _ in operands) else operands
+        big = max(side, default=(0, ""))
+        total = sum(b for b, _ in side)
+        out.append(Collective(base, big[1], len(side), total, big[0], count, branch))
+      if op == "while":
+        trip = _TRIP.search(line)
+        body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+        n = int(trip.group(1)) if trip else 1
+        if body not in seen:
+          visit(body, count * n, branch, (*seen, body))
+      elif op == "conditional":
+        names = re.search(r"branch_computations=\{([^}]*)\}", line)
+        if names:
+          branches = [b.strip().lstrip("%") for b in names.group(1).split(",")]
+        else:
+          branches = [
+            re.search(rf"{k}_computation=%?([\w.\-]+)", line).group(1) for k in ("false", "true")
+          ]
+        for i, b in enumerate(branches):
+          visit(b, count, i if branch is None else branch, (*seen, b))
+      else:
+        for callee in re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line):
+          if callee not in seen:
+            visit(callee, count, branch, (*seen, callee))
+
+  if entry is not None:
+    visit(entry, 1, None, (entry,))
+  return out
+
+
+def collective_bytes(collectives: list[Collective], branch: int | None = None) -> int:
+  """Total array bytes per execution of the collectives outside conditionals (`branch=None`)
+  or in branch `branch` of them."""
+  return sum(c.bytes * c.count for c in collectives if c.branch == branch)
+
+
+def layout_for_config(config: Any, mesh: Mesh, abstract_state: Any) -> Layout:
+  """`make_layout` with the GaLore targets, `proj_type` and knobs of a training config."""
+  params = abstract_state.params
+  galore = "galore" in config.optimizer.name
+  return make_layout(
+    mesh,
+    abstract_state,
+    params,
+    galore_mask=gj.llama_galore_mask(params) if galore else None,
+    proj_type=config.optimizer.proj_type,
+    shard_projectors=config.mesh.get("shard_projectors", True),
+  )
