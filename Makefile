@@ -25,9 +25,10 @@ $(VENV)/.test-installed: pyproject.toml | $(PY)
 train: $(VENV)/.train-installed
 	$(PY) -m train.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# One BLAS thread: LAPACK's SVDs oversubscribe 2 cores otherwise (10-30x slower when loaded).
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -x --durations=15 tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -x --durations=15 tests
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,7 @@ References:
   https://arxiv.org/abs/2403.03507
 """
 
+from galore_jax import memory
 from galore_jax.adam8bit import (
   QuantizedMoment,
   ScaleByAdam8bitState,
@@ -42,6 +43,7 @@ __all__ = [
   "galore_adamw",
   "galore_mask_by_path",
   "llama_galore_mask",
+  "memory",
   "rotate_moments",
   "scale_by_galore",
   "scale_by_transformers_adam",

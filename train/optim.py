@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -140,5 +139,4 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
 
 def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:
   """Bytes of `tx`'s state for `params`, from shapes only (nothing allocated)."""
-  shapes = jax.eval_shape(tx.init, params)
-  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+  return gj.memory.state_bytes(tx, params).total
