@@ -19,5 +19,6 @@ def get_config():
   )
   c.optimizer.name = "galore_adamw_8bit"
   c.optimizer.eps = 1e-8  # bitsandbytes' Adam default, as GaLoreAdamW8bit
-  c.model.remat_policy = "full"
+  c.train.fused_update = True  # layer-wise updates: the full gradient is never held
+  c.train.clip_in_subspace = True  # with accumulation the full-rank norm never exists
   return c

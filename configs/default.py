@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 50  # save every N updates (and at the end)
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.fused_update = False  # layer-wise fused backward+update (needs scan_layers)
+  c.train.clip_in_subspace = False  # fused + accumulation + GaLore: clip by the projected norm
   c.train.progress_bar = True  # tqdm progress bar on stderr
   c.train.stop_after_steps = 0  # stop (with a checkpoint) after this many steps; 0 = num_steps
 

@@ -101,7 +101,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     tx = _make_8bit(o, lr)
   else:
     raise ValueError(f"config.optimizer.name={o.name!r} is not one of {OPTIMIZERS}.")
-  if o.grad_clip_norm > 0:
+  # The fused layer-wise step clips itself (it never holds the whole gradient at once).
+  if o.grad_clip_norm > 0 and not config.train.fused_update:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   return tx
 

@@ -268,7 +268,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if config.train.fused_update:
     from train import fused  # noqa: PLC0415 (optional path)
 
-    train_step = fused.make_fused_train_step(setup, t.grad_accum_steps)
+    o = config.optimizer
+    train_step = fused.make_fused_train_step(
+      setup,
+      t.grad_accum_steps,
+      grad_clip_norm=o.grad_clip_norm,
+      clip_in_subspace=t.clip_in_subspace,
+      proj_type=o.proj_type,
+    )
   else:
     train_step = make_train_step(setup, t.grad_accum_steps, layout)
   train_step = jax.jit(
