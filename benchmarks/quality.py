@@ -7,7 +7,10 @@ tokens/s, wall time) and writes one PNG with the overlaid eval/train loss curves
   .venv/bin/python -m benchmarks.quality --workdir=runs/quality [--steps=150] [--variants=a,b]
 
 Each variant is a name from VARIANTS (config overrides on configs/default.py). Runs resume
-from their workdirs, so an interrupted benchmark continues where it stopped.
+from their workdirs, so an interrupted benchmark continues where it stopped (its tokens/s and wall
+time then cover the resumed part only), and a finished run (`final.json` at `--steps`) is read
+back instead of retrained: variants can be run in parallel processes with the same `--workdir`
+and one last call with all of them prints the table and the PNG.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
   "galore_rotate": (
     "GaLore-AdamW r=32, moments rotated at refresh",
     {"optimizer.on_refresh": "rotate"},
+  ),
+  "galore_align": (
+    "GaLore-AdamW r=32, signs aligned at refresh",
+    {"optimizer.align_signs": True},
   ),
   "galore_8bit": ("8-bit GaLore-AdamW r=32", {"optimizer.name": "galore_adamw_8bit"}),
   "adamw_8bit_3e-3": (
@@ -82,6 +89,15 @@ def plot(results: dict[str, Path], out: Path) -> None:
   plt.close(fig)
 
 
+def _finished(workdir: Path, steps: int) -> dict | None:
+  """The final record of a run that already finished `steps` steps, else None."""
+  path = workdir / "final.json"
+  if not path.exists():
+    return None
+  final = json.loads(path.read_text())
+  return final if final.get("steps") == steps and "eval_perplexity" in final else None
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/quality")
@@ -92,7 +108,9 @@ def main() -> None:
   rows, dirs = [], {}
   for name in args.variants.split(","):
     workdir = root / name
-    final = trainer.train_and_evaluate(variant_config(name, args.steps), workdir)
+    final = _finished(workdir, args.steps)
+    if final is None:
+      final = trainer.train_and_evaluate(variant_config(name, args.steps), workdir)
     summary = json.loads((workdir / "summary.json").read_text())
     dirs[name] = workdir
     rows.append((name, VARIANTS[name][0], final, summary))

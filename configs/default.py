@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.oversample = 8  # randomized: extra sketch columns
   c.optimizer.power_iters = 1  # randomized: subspace iterations
   c.optimizer.on_refresh = "keep"  # moments at a refresh: keep (reference) | reset | rotate
+  c.optimizer.align_signs = False  # flip new basis vectors to agree with the previous ones
   c.optimizer.projector_dtype = ""  # projector storage dtype; "" = parameter dtype
 
   c.train = ml_collections.ConfigDict()

@@ -174,6 +174,7 @@ def scale_by_galore(
   power_iters: int = 1,
   seed: int = 0,
   on_refresh: str = "keep",
+  align_signs: bool = False,
 ) -> optax.GradientTransformation:
   r"""GaLore: runs `inner` on gradients projected onto a refreshed rank-`rank` subspace.
 
@@ -212,6 +213,11 @@ def scale_by_galore(
     on_refresh: what happens to the inner optimizer's low-rank moments at a refresh: `"keep"`
       (the reference), `"reset"` (zeroed), or `"rotate"` (carried into the new basis, see
       `galore_jax.rotate_moments`).
+    align_signs: after a refresh, flip each new basis vector whose dot product with the
+      previous one is negative. A singular vector's sign is arbitrary: with `on_refresh="keep"` a
+      kept first-moment row can otherwise meet its direction flipped (the canonical sign rule,
+      largest-magnitude entry positive, already makes the sign a deterministic function of the
+      vector; alignment makes it a function of the history). No effect on the first refresh.
 
   Returns:
     An `optax.GradientTransformation` with `GaLoreState`.
@@ -232,7 +238,11 @@ def scale_by_galore(
   _validate_static(rank, update_proj_gap, proj_type, subspace_method, on_refresh)
   if inner is None:
     inner = scale_by_transformers_adam()
-  refresh_fn = _subspace.make_refresh_fn(subspace_method, rank, oversample, power_iters)
+  if not isinstance(align_signs, bool):
+    raise ValueError(f"galore: align_signs must be a bool, got {align_signs!r}.")
+  refresh_fn = _subspace.make_refresh_fn(
+    subspace_method, rank, oversample, power_iters, sign="align" if align_signs else "canonical"
+  )
 
   def flat_plans(tree):
     """Leaves of `tree`, their static plans (None = full rank) and the treedef."""
@@ -487,6 +497,7 @@ def galore(
   power_iters: int = 1,
   seed: int = 0,
   on_refresh: str = "keep",
+  align_signs: bool = False,
 ) -> optax.GradientTransformation:
   """Wraps any optax optimizer so that it runs in GaLore's low-rank space.
 
@@ -503,7 +514,7 @@ def galore(
     proj_type: see `scale_by_galore`.
     mask: which leaves are projected; see `scale_by_galore`.
     dimension_numbers, projector_dtype, subspace_method, oversample, power_iters, seed,
-      on_refresh: see `scale_by_galore`.
+      on_refresh, align_signs: see `scale_by_galore`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -530,6 +541,7 @@ def galore(
     power_iters=power_iters,
     seed=seed,
     on_refresh=on_refresh,
+    align_signs=align_signs,
   )
 
 
@@ -552,6 +564,7 @@ def galore_adamw(
   power_iters: int = 1,
   seed: int = 0,
   on_refresh: str = "keep",
+  align_signs: bool = False,
 ) -> optax.GradientTransformation:
   """`galore_torch.GaLoreAdamW`, exactly.
 
@@ -573,7 +586,7 @@ def galore_adamw(
     mask: which leaves are projected (see `scale_by_galore`); `galore_jax.llama_galore_mask`
       reproduces the paper's attention + MLP selection.
     dimension_numbers, projector_dtype, subspace_method, oversample, power_iters, seed,
-      on_refresh: see `scale_by_galore`.
+      on_refresh, align_signs: see `scale_by_galore`.
 
   Under `optax.inject_hyperparams`, declare the shape-fixing arguments static:
   `static_args=("rank", "update_proj_gap", "proj_type", "mask")`.
@@ -604,6 +617,7 @@ def galore_adamw(
       power_iters=power_iters,
       seed=seed,
       on_refresh=on_refresh,
+      align_signs=align_signs,
     ),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_update(weight_decay, learning_rate),

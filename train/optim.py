@@ -54,6 +54,7 @@ def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
     oversample=o.oversample,
     power_iters=o.power_iters,
     on_refresh=o.on_refresh,
+    align_signs=o.align_signs,
   )
 
 
