@@ -33,6 +33,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "AdamW full rank, lr 3e-3",
     {"optimizer.name": "adamw", "optimizer.learning_rate": 3e-3},
   ),
+  "adamw_1e-2": (
+    "AdamW full rank, lr 1e-2 (GaLore's lr)",
+    {"optimizer.name": "adamw", "optimizer.learning_rate": 1e-2},
+  ),
   "galore": ("GaLore-AdamW r=32, exact SVD, lr 1e-2", {}),
   "galore_randomized": (
     "GaLore-AdamW r=32, randomized refresh",
