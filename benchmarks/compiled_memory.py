@@ -10,7 +10,8 @@ compiles on a small CPU machine) and compiled; the table is `compiled.memory_ana
   the donated arguments,
 * temp: XLA's scratch for the step: the full gradient, the activations saved for the backward
   pass, the optimizer's intermediates (and GaLore's refresh workspace: the float32 SVD input
-  and factors, inside a conditional that runs every `update_proj_gap` steps).
+  and factors of one matrix at a time, inside a conditional that runs every `update_proj_gap`
+  steps).
 * peak = argument + output - alias + temp: what the device must hold at once.
 * update-only temp: the temp of `jax.jit(tx.update)` alone (gradients passed in), i.e. the
   optimizer's own scratch; compile s counts both compiles.

@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.power_iters = 1  # randomized: subspace iterations
   c.optimizer.on_refresh = "keep"  # moments at a refresh: keep (reference) | reset | rotate
   c.optimizer.align_signs = False  # flip new basis vectors to agree with the previous ones
+  # 8-bit optimizers: embedding and head moments stay float32 (bitsandbytes' advice, see README)
+  c.optimizer.float32_vocab_moments = False
   c.optimizer.projector_dtype = ""  # projector storage dtype; "" = parameter dtype
 
   c.train = ml_collections.ConfigDict()

@@ -12,6 +12,7 @@ from galore_jax.adam8bit import (
   adam8bit_state_bytes,
   adamw_8bit,
   galore_adamw_8bit,
+  llama_vocab_mask,
   scale_by_adam_8bit,
 )
 from galore_jax.transform import (
@@ -34,6 +35,7 @@ __all__ = [
   "adam8bit_state_bytes",
   "adamw_8bit",
   "galore_adamw_8bit",
+  "llama_vocab_mask",
   "scale_by_adam_8bit",
   "GaLoreDimensionNumbers",
   "GaLoreState",

@@ -178,6 +178,54 @@ def make_refresh_fn(
   return refresh
 
 
+def refresh_leaves(refresh, leaves: list) -> list:
+  """`refresh(g, prev, side, key)` run on one `I x O` matrix at a time over a list of
+  `(g_[batch]xIxO, prev, side, key)`; returns each entry's bases, cast to its `prev`'s dtypes.
+
+  A batched factorisation of stacked layers `[N, I, O]` holds the float32 copies and factors of
+  all `N` matrices at once, and XLA schedules independent factorisations of separate leaves side
+  by side (XLA:CPU drops `optimization_barrier`s before scheduling). Here every matrix of the
+  same shape, dtype and side, the layers of a stacked leaf and unrolled leaves alike, goes through
+  one `lax.map` whose body picks its matrix with a `lax.switch` over static slices: a dynamic
+  slice of a bf16 array would make XLA:CPU upcast (copy) the whole array first. Matrix `n` of a
+  batched entry gets the key `fold_in(key, n)`; an entry without batch axes gets `key` itself.
+  """
+  groups: dict = {}
+  for i, (g, prev, side, key) in enumerate(leaves):
+    *batch, in_dim, out_dim = g.shape
+    n = math.prod(batch)
+    flat = g.reshape(n, in_dim, out_dim), tuple(p.reshape(n, *p.shape[-2:]) for p in prev)
+    keys = [key] if not batch else [jax.random.fold_in(key, b) for b in range(n)]
+    sig = (g.shape[-2:], g.dtype, side, tuple((p.shape[-2:], p.dtype) for p in prev))
+    groups.setdefault(sig, []).append((i, flat, keys))
+
+  out = [None] * len(leaves)
+  for (_, _, side, _), entries in groups.items():
+    picks = [
+      lambda g=g, p=p, b=b: (g[b], tuple(x[b] for x in p))
+      for _, (g, p), keys in entries
+      for b in range(len(keys))
+    ]
+
+    def one(g, prev, k, side=side):
+      return tuple(b.astype(o.dtype) for b, o in zip(refresh(g, prev, side, k), prev))
+
+    if len(picks) == 1:
+      bases = tuple(b[None] for b in one(*picks[0](), entries[0][2][0]))
+    else:
+      keys = jnp.stack([k for *_, ks in entries for k in ks])
+      bases = jax.lax.map(
+        lambda a, picks=picks, one=one: one(*jax.lax.switch(a[0], picks), a[1]),
+        (jnp.arange(len(picks)), keys),
+      )
+    start = 0
+    for i, _, ks in entries:
+      prev = leaves[i][1]
+      out[i] = tuple(b[start : start + len(ks)].reshape(p.shape) for b, p in zip(bases, prev))
+      start += len(ks)
+  return out
+
+
 def _svd_refresh(rank: int):
   def compute(g, prev, side, key):
     del prev, key

@@ -29,7 +29,11 @@ import numpy as np
 import optax
 
 from galore_jax import _quantize
-from galore_jax.transform import add_decayed_weights_after_update, scale_by_galore
+from galore_jax.transform import (
+  add_decayed_weights_after_update,
+  galore_mask_by_path,
+  scale_by_galore,
+)
 
 DEFAULT_BLOCK_SIZE = _quantize.DEFAULT_BLOCK_SIZE  # bitsandbytes 0.50's 8-bit optimizer blocks
 DEFAULT_MIN_8BIT_SIZE = 4096  # bitsandbytes' `min_8bit_size`: smaller leaves stay float32
@@ -78,6 +82,7 @@ def scale_by_adam_8bit(
   *,
   block_size: int = DEFAULT_BLOCK_SIZE,
   min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+  float32_mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""Adam with 8-bit block-wise moments, as bitsandbytes' 8-bit Adam kernel computes it.
 
@@ -102,6 +107,12 @@ def scale_by_adam_8bit(
     eps: `ε` (bitsandbytes' default 1e-8).
     block_size: entries per quantisation block (static; bitsandbytes 0.50 uses 256).
     min_8bit_size: leaves with fewer entries keep float32 moments (static; bitsandbytes: 4096).
+    float32_mask: leaves whose moments stay float32 whatever their size: a pytree of bools or a
+      callable `params -> pytree` (default: none). bitsandbytes' per-parameter `optim_bits=32`
+      override, which it advises for embeddings (see `llama_vocab_mask`): an 8-bit second moment
+      rounds to zero below ~1e-7 of its block's maximum, and an entry whose gradient then
+      vanishes (an embedding row of a token absent from the batch) gets the update
+      `m / ε`, orders of magnitude too large.
 
   Returns:
     An `optax.GradientTransformation` with `ScaleByAdam8bitState`; no learning rate (chain
@@ -128,14 +139,19 @@ def scale_by_adam_8bit(
     bs = _static_int(block_size, "block_size")
     min_size = _static_int(min_8bit_size, "min_8bit_size")
 
-    def zeros(p, qmap):
+    if float32_mask is None:
+      keep32 = jax.tree.map(lambda _: False, params)
+    else:
+      keep32 = float32_mask(params) if callable(float32_mask) else float32_mask
+
+    def zeros(p, keep, qmap):
       shape = jnp.shape(p)
-      if math.prod(shape) < min_size:
+      if keep or math.prod(shape) < min_size:
         return jnp.zeros(shape, jnp.float32)
       return QuantizedMoment(*_quantize.zeros_blockwise(math.prod(shape), qmap, bs))
 
-    mu = jax.tree.map(lambda p: zeros(p, _SIGNED_MAP), params)
-    nu = jax.tree.map(lambda p: zeros(p, _UNSIGNED_MAP), params)
+    mu = jax.tree.map(lambda p, k: zeros(p, k, _SIGNED_MAP), params, keep32)
+    nu = jax.tree.map(lambda p, k: zeros(p, k, _UNSIGNED_MAP), params, keep32)
     return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, nu)
 
   def update_fn(updates, state, params=None):
@@ -271,6 +287,7 @@ def adamw_8bit(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   block_size: int = DEFAULT_BLOCK_SIZE,
   min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+  float32_mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformation:
   r"""bitsandbytes' `AdamW8bit`: 8-bit Adam, then decoupled weight decay after the step.
 
@@ -292,6 +309,7 @@ def adamw_8bit(
     mask: which leaves decay: a pytree of bools or a callable `params -> pytree` (default all).
     block_size: quantisation block size (static).
     min_8bit_size: smaller leaves keep float32 moments (static).
+    float32_mask: leaves whose moments stay float32 (see `scale_by_adam_8bit`).
 
   Returns:
     An `optax.GradientTransformation`; `update` needs `params`.
@@ -307,7 +325,9 @@ def adamw_8bit(
     https://arxiv.org/abs/2110.02861
   """
   return optax.chain(
-    scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
+    scale_by_adam_8bit(
+      b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size, float32_mask=float32_mask
+    ),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_update(weight_decay, learning_rate, mask),
   )
@@ -327,6 +347,7 @@ def galore_adamw_8bit(
   mask: Any | Callable[[optax.Params], Any] | None = None,
   block_size: int = DEFAULT_BLOCK_SIZE,
   min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
+  float32_mask: Any | Callable[[optax.Params], Any] | None = None,
   **galore_kwargs,
 ) -> optax.GradientTransformation:
   r"""`galore_torch.GaLoreAdamW8bit`: GaLore with 8-bit low-rank Adam moments.
@@ -357,6 +378,9 @@ def galore_adamw_8bit(
       `galore_jax.llama_galore_mask` is the paper's attention + MLP selection.
     block_size: quantisation block size (static).
     min_8bit_size: smaller (low-rank) leaves keep float32 moments (static).
+    float32_mask: leaves whose moments stay float32 (see `scale_by_adam_8bit`); a callable gets
+      the tree of (low-rank) moment shapes, laid out like the params, so path-based masks such as
+      `llama_vocab_mask` work unchanged.
     **galore_kwargs: further keyword options of `scale_by_galore` (`dimension_numbers`,
       `projector_dtype`, `subspace_method`, ...). `on_refresh` must stay `"keep"` (the reference):
       resetting or rotating 8-bit moments is not implemented.
@@ -378,9 +402,20 @@ def galore_adamw_8bit(
       f"galore_adamw_8bit: on_refresh={galore_kwargs['on_refresh']!r} is not supported with "
       "8-bit moments (they are stored as codes + scales); use on_refresh='keep'."
     )
-  inner = scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size)
+  inner = scale_by_adam_8bit(
+    b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size, float32_mask=float32_mask
+  )
   return optax.chain(
     scale_by_galore(inner, rank, update_proj_gap, scale, proj_type, mask=mask, **galore_kwargs),
     optax.scale_by_learning_rate(learning_rate),
     add_decayed_weights_after_update(weight_decay, learning_rate),
   )
+
+
+def llama_vocab_mask(params: optax.Params) -> Any:
+  """True for the vocabulary-sized leaves of the LLaMA (token embedding and output head).
+
+  For `float32_mask`: bitsandbytes advises 32-bit optimizer states for embeddings (its
+  `StableEmbedding`), whose rows of tokens absent from a batch get zero gradients.
+  """
+  return galore_mask_by_path(params, ("embed", "lm_head"))

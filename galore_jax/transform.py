@@ -192,7 +192,9 @@ def scale_by_galore(
       default: the reference's Adam normalisation (`scale_by_transformers_adam()`). It never
       receives `params` (they have full-rank shapes); asking for them raises a clear error.
     rank: subspace rank `r`; clipped per leaf to `min(I, O)` as the reference's thin SVD does.
-    update_proj_gap: refresh period `T` in steps.
+    update_proj_gap: refresh period `T` in steps. A refresh factorises one matrix at a time
+      (each layer of a stacked leaf, each leaf; see `_subspace.refresh_leaves`), so its float32
+      workspace is one matrix's, not that of every targeted gradient.
     scale: `α`, multiplies the projected-back update of targeted leaves only.
     proj_type: `"std"` (reduce the smaller dimension; square -> input), `"reverse_std"`,
       `"right"` (reduce the input axis), `"left"` (reduce the output axis), `"full"` (both).
@@ -208,8 +210,10 @@ def scale_by_galore(
     subspace_method: `"svd"` (exact thin SVD, the reference) or `"randomized"` (warm-started
       randomized subspace iteration; see `oversample`, `power_iters`, `seed`).
     oversample: extra sketch columns for `"randomized"`.
-    power_iters: power (subspace) iterations for `"randomized"`.
-    seed: seed of the `"randomized"` sketches (folded with the step count; no Python RNG).
+    power_iters: power (subspace) iterations for `"randomized"`; the first refresh (no previous
+      basis to start from) runs `max(power_iters, 4)`.
+    seed: seed of the `"randomized"` sketches (folded with the step count, the leaf index and,
+      for stacked leaves, the layer index; no Python RNG).
     on_refresh: what happens to the inner optimizer's low-rank moments at a refresh: `"keep"`
       (the reference), `"reset"` (zeroed), or `"rotate"` (carried into the new basis, see
       `galore_jax.rotate_moments`).
@@ -274,11 +278,11 @@ def scale_by_galore(
     base_key = jax.random.fold_in(jax.random.key(seed), state.count)
 
     def refresh(canon, old):
+      todo = [i for i, pl in enumerate(plans) if pl is not None]
+      items = [(canon[i], old[i], plans[i].side, jax.random.fold_in(base_key, i)) for i in todo]
       new = list(old)
-      for i, (g, pl, p_old) in enumerate(zip(canon, plans, old)):
-        if pl is not None:
-          bases = refresh_fn(g, p_old, pl.side, jax.random.fold_in(base_key, i))
-          new[i] = tuple(b.astype(o.dtype) for b, o in zip(bases, p_old))
+      for i, bases in zip(todo, _subspace.refresh_leaves(refresh_fn, items)):
+        new[i] = bases
       return new
 
     # One real conditional for the whole tree, outside any vmap, so non-refresh steps never run
