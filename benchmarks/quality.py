@@ -51,6 +51,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     {"optimizer.align_signs": True},
   ),
   "galore_8bit": ("8-bit GaLore-AdamW r=32", {"optimizer.name": "galore_adamw_8bit"}),
+  "adamw_8bit_vocab32_3e-3": (
+    "8-bit AdamW, embedding/head moments float32, lr 3e-3",
+    {
+      "optimizer.name": "adamw_8bit",
+      "optimizer.learning_rate": 3e-3,
+      "optimizer.float32_vocab_moments": True,
+    },
+  ),
   "adamw_8bit_3e-3": (
     "8-bit AdamW, lr 3e-3",
     {"optimizer.name": "adamw_8bit", "optimizer.learning_rate": 3e-3},
