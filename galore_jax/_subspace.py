@@ -156,13 +156,10 @@ def make_refresh_fn(
   if method == "svd":
     compute = _svd_refresh(rank)
   elif method == "randomized":
-    for name, value, low in (
-      ("oversample", oversample, 0),
-      ("power_iters", power_iters, 1),
-      ("cold_power_iters", cold_power_iters, 1),
-    ):
-      if name == "cold_power_iters" and value is None:
-        continue
+    checks = [("oversample", oversample, 0), ("power_iters", power_iters, 1)]
+    if cold_power_iters is not None:
+      checks.append(("cold_power_iters", cold_power_iters, 1))
+    for name, value, low in checks:
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
     compute = _randomized_refresh(oversample, power_iters, cold_power_iters)
