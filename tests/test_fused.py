@@ -52,15 +52,26 @@ def _galore_projectors(state):
   return found[0].projectors if found else None
 
 
+def _per_layer(fn, p, x):
+  """`fn` on each layer of stacked `[N, ...]` arrays in a loop of unbatched dots, as the fused
+  step's scan over blocks computes it (a 2-D leaf is one matrix)."""
+  return fn(p, x) if x.ndim == 2 else jax.lax.map(lambda px: fn(*px), (p, x))
+
+
 def _reference_step(tx, k: int, clip: float):
   """The standard step: `value_and_grad`, `tx.update`, `apply_updates`, float32 accumulation.
 
+  Returns `(params, state, loss, grads)`, `grads` being what `tx.update` was given (GaLore's
+  refresh factorises it).
+
   With GaLore and k > 1, the fused step's documented semantics: every micro-batch's gradient of
   a GaLore matrix is projected on the subspace GaLore computes from micro-batch 0's gradient
-  (the current one except on refresh steps) and the optimizer gets `P Σ_k Pᵀ G_k`.
-  The model recomputes each block in the backward pass (remat "full"), as the fused step does;
-  XLA then computes bit-identical gradients (without remat they differ by ~2e-7 relative,
-  which Adam's normalisation and GaLore's SVD amplify to ~5e-6).
+  (the current one except on refresh steps) and the optimizer gets `P Σ_k Pᵀ G_k / n`, formed
+  as the fused step forms it: per layer, summed in micro-batch order, and multiplied by the
+  float32 reciprocal `1 / n` of the token count (see `test_fused_equals_standard_step` for why
+  the last point matters). The model recomputes each block in the backward pass (remat "full"),
+  as the fused step does; XLA then computes bit-identical gradients (without remat they differ
+  by ~2e-7 relative, which Adam's normalisation and GaLore's SVD amplify to ~5e-6).
   """
   graph = nnx.split(
     Llama(dataclasses.replace(CONFIG, remat_policy="full"), rngs=nnx.Rngs(0)), nnx.Param
@@ -77,6 +88,7 @@ def _reference_step(tx, k: int, clip: float):
     grads = [o[1] for o in outs]
     acc = jax.tree.map(lambda *g: sum(x.astype(jnp.float32) for x in g), *grads)
     norm_tree = acc
+    denom = jnp.maximum(count, 1).astype(jnp.float32)
     projectors = _galore_projectors(state)
     if k > 1 and projectors is not None:
       p0 = _galore_projectors(tx.update(grads[0], state, params)[1])
@@ -86,26 +98,29 @@ def _reference_step(tx, k: int, clip: float):
           return sum(x.astype(jnp.float32) for x in g)
         p = ps[0].astype(jnp.float32)
         if g[0].shape[-1] >= g[0].shape[-2]:
-          return sum(jnp.einsum("...ir,...io->...ro", p, x.astype(jnp.float32)) for x in g)
-        return sum(jnp.einsum("...io,...or->...ir", x.astype(jnp.float32), p) for x in g)
+          f = lambda p, x: jnp.einsum("ir,io->ro", p, x)
+        else:
+          f = lambda p, x: jnp.einsum("io,or->ir", x, p)
+        return sum(_per_layer(f, p, x.astype(jnp.float32)) for x in g)
 
       def back(ps, a, param):  # P (Σ_k Pᵀ G_k) or (Σ_k G_k P) Pᵀ
         if isinstance(ps, optax.MaskedNode):
           return a
         p = ps[0].astype(jnp.float32)
         if param.shape[-1] >= param.shape[-2]:
-          return jnp.einsum("...ir,...ro->...io", p, a)
-        return jnp.einsum("...ir,...or->...io", a, p)
+          return _per_layer(lambda p, a: jnp.einsum("ir,ro->io", p, a), p, a)
+        return _per_layer(lambda p, a: jnp.einsum("ir,or->io", a, p), p, a)
 
       norm_tree = jax.tree.map(low, p0, *grads, is_leaf=is_p)
       acc = jax.tree.map(back, p0, norm_tree, params, is_leaf=is_p)
-    denom = jnp.maximum(count, 1).astype(jnp.float32)
-    grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), acc, params)
+    # The mean as the fused step forms it: `g / n` in one pass, `g * (1 / n)` after accumulating.
+    mean = (lambda a: a * (1.0 / denom)) if k > 1 else (lambda a: a / denom)
+    grads = jax.tree.map(lambda a, p: mean(a).astype(p.dtype), acc, params)
     if clip > 0:
       norm = optax.global_norm(grads) if norm_tree is acc else optax.global_norm(norm_tree) / denom
       grads = jax.tree.map(lambda g: jax.lax.select(norm < clip, g, g / norm * clip), grads)
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss_sum / denom
+    return optax.apply_updates(params, updates), state, loss_sum / denom, grads
 
   return jax.jit(step)
 
@@ -136,22 +151,96 @@ class _State(NamedTuple):
 # cover each code path once: one pass with 8-bit GaLore, accumulation with GaLore and clipping,
 # two passes (exact global clipping) without GaLore.
 CASES = [
-  ("galore_adamw_8bit", 1, 0.0, 1e-6),
-  ("galore_adamw", 2, 0.5, 1e-6),
-  ("adamw", 1, 0.5, 1e-6),
-  pytest.param("galore_adamw", 1, 0.0, 1e-6, marks=pytest.mark.slow),
-  # Accumulating P^T G per block and per micro-batch rounds differently from the reference's
-  # stacked einsum (1 ulp); a 1-ulp change can move an 8-bit moment to the next code.
-  pytest.param("galore_adamw_8bit", 2, 0.0, 2e-5, marks=pytest.mark.slow),
-  pytest.param("adamw_8bit", 1, 0.0, 1e-6, marks=pytest.mark.slow),
-  pytest.param("adamw", 2, 0.5, 1e-6, marks=pytest.mark.slow),
+  ("galore_adamw_8bit", 1, 0.0),
+  ("galore_adamw", 2, 0.5),
+  ("adamw", 1, 0.5),
+  pytest.param("galore_adamw", 1, 0.0, marks=pytest.mark.slow),
+  pytest.param("galore_adamw_8bit", 2, 0.0, marks=pytest.mark.slow),
+  pytest.param("adamw_8bit", 1, 0.0, marks=pytest.mark.slow),
+  pytest.param("adamw", 2, 0.5, marks=pytest.mark.slow),
 ]
 
+EPS32 = float(np.finfo(np.float32).eps)
+# Float32 arithmetic of one step in another fusion: each of Adam's few operations rounds by at
+# most half an ulp, and XLA may contract a multiply-add into an FMA in one program and not in the
+# other. 8 ulps of the update and of the weight bound that with room. Measured (relative per
+# leaf, 2 cores, both XLA thread settings): bit-identical for K = 1, <= 2.3e-7 for K = 2.
+ULPS = 8
 
-@pytest.mark.parametrize("name, k, clip, rtol", CASES)
-def test_fused_equals_standard_step(name, k, clip, rtol):
+
+def _subspace_condition(grads, state, mask) -> float:
+  """`||G||_F / min_i (s_i - s_{i+1})` over i <= rank, the largest over GaLore matrices (and
+  layers) of the gradient a refresh factorises; 0 if this step does not refresh.
+
+  A refresh computes the top-`rank` singular vectors of G. Perturbed by dG (here: float32
+  rounding, |dG| <= eps |G| entry-wise), they move by at most ~|dG| / gap (Wedin's theorem),
+  so `eps * condition` bounds the relative change of the projector and of the update.
+  """
+  count = [
+    x.count
+    for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gj.GaLoreState))
+    if isinstance(x, gj.GaLoreState)
+  ]
+  if not count or int(count[0]) % GAP:
+    return 0.0
+  worst = 0.0
+  for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)):
+    if not m:
+      continue
+    g = np.asarray(g, np.float64).reshape(-1, *g.shape[-2:])
+    for g_i in g:
+      s = np.linalg.svd(g_i, compute_uv=False)
+      s = np.append(s, 0.0)[: RANK + 1]
+      worst = max(worst, np.linalg.norm(g_i) / max(np.min(s[:-1] - s[1:]), 1e-300))
+  return worst
+
+
+def _codes_and_floats(state):
+  """(8-bit moments, float leaves, integer leaves) of an optimizer state."""
+  is_q = lambda x: isinstance(x, adam8bit.QuantizedMoment)
+  leaves = jax.tree.leaves(state, is_leaf=is_q)
+  codes = [x for x in leaves if is_q(x)]
+  rest = [x for x in leaves if not is_q(x)]
+  floats = [x for x in rest if jnp.issubdtype(x.dtype, jnp.floating)]
+  ints = [x for x in rest if not jnp.issubdtype(x.dtype, jnp.floating)]
+  return codes, floats, ints
+
+
+@pytest.mark.parametrize("name, k, clip", CASES)
+def test_fused_equals_standard_step(name, k, clip):
+  """Each step of the reference's trajectory is recomputed by the fused step from the same state.
+
+  Comparing one step from a common state tests the step function itself; comparing two
+  trajectories (as this test once did, 4 steps apart) also measures how the optimizer amplifies
+  rounding, which depends on the machine. Root cause of the failure that produced
+  (`galore_adamw_8bit`, K=2, 4.87e-5 > 2e-5 relative on another machine, 4.9e-5 here under
+  `--xla_cpu_multi_thread_eigen=false`): the reference divided the accumulated gradient by the
+  token count (`g / n`) where the fused step multiplies by the float32 reciprocal
+  (`g * (1 / n)`), 1-ulp differences in some entries. On refresh steps GaLore factorises that
+  gradient; its singular vectors move by eps / (relative gap), ~100x here, so the low-rank
+  gradient moved by ~6e-6; the 8-bit quantiser turned that into an adjacent code in 1-2
+  entries, each a change of one quantiser step (1-6% of the entry), which the following steps
+  carried into the weights. Which entries sit near a code's midpoint depends on the gradients'
+  float32 summation order, hence on the machine and the thread setting. Now:
+
+  * the reference forms the gradient with the fused step's operations, so a refresh factorises
+    the same bits (measured: the 8-bit scales are bit-identical at refreshes);
+  * weights and float moments agree to `ULPS` float32 ulps, widened on refresh steps by the
+    conditioning of the subspace (`_subspace_condition`, Wedin's bound), in case another
+    machine's kernels round the projection differently;
+  * 8-bit codes are equal or adjacent (a rounding at a midpoint moves a value to the next code,
+    never further: the narrowest relative code interval of the dynamic maps, 3.5e-3, is wider
+    than the largest bound here), and scales agree like floats.
+  The update of a step uses its float32 moments before they are quantised, so a flipped code
+  only changes the stored state, never this step's weights.
+
+  Measured here: conditions 220-2140 (bounds 2e-4 to 2e-3 on refresh steps, 9.5e-7 on the
+  others); with the old `g / n` reinstated in the reference (a stand-in for a machine that
+  rounds the refresh input differently) the worst difference is 2.9e-6 and the test passes.
+  """
   tx = _optimizer(name)
   params = nnx.split(Llama(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)[1]
+  mask = gj.llama_galore_mask(params)
   tokens = _tokens()
   ref_params, ref_state = params, tx.init(params)
   reference = _reference_step(tx, k, clip).lower(params, ref_state, tokens).compile(FAST_COMPILE)
@@ -163,25 +252,39 @@ def test_fused_equals_standard_step(name, k, clip, rtol):
     proj_type="std",
     check_optimizer=False,
   )
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the fused step donates its input
   state = _State(jnp.zeros([], jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
   train_step = _compile(train_step, state, {"tokens": tokens}, donate=(0,))
-  for _ in range(STEPS):
-    ref_params, ref_state, ref_loss = reference(ref_params, ref_state, tokens)
-    state, metrics = train_step(state, {"tokens": tokens})
-    # The gradients are bit-identical (see `_reference_step`); what remains is float32 rounding
-    # of the optimizer's arithmetic in another fusion, amplified by Adam and GaLore's SVD.
-    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-6)
+  refreshes = 0
+  for step in range(STEPS):
+    start = _State(jnp.asarray(step, jnp.int32), copy(ref_params), copy(ref_state), state.rng)
+    new_params, new_state, ref_loss, grads = reference(ref_params, ref_state, tokens)
+    state, metrics = train_step(start, {"tokens": tokens})
+    condition = _subspace_condition(grads, ref_state, mask) if "galore" in name else 0.0
+    refreshes += condition > 0
+    rtol = ULPS * EPS32 * (1.0 + condition)
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=ULPS * EPS32)
     for (path, a), b in zip(
-      jax.tree_util.tree_flatten_with_path(ref_params)[0], jax.tree.leaves(state.params)
+      jax.tree_util.tree_flatten_with_path(new_params)[0], jax.tree.leaves(state.params)
     ):
-      assert _rel(a, b) <= rtol, (jax.tree_util.keystr(path), _rel(a, b))
+      assert _rel(a, b) <= rtol, (step, jax.tree_util.keystr(path), _rel(a, b), rtol)
+    (q_ref, f_ref, i_ref), (q, f, i) = (
+      _codes_and_floats(new_state),
+      _codes_and_floats(state.opt_state),
+    )
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(new_state)
+    for a, b in zip(f_ref, f):
+      assert a.dtype == b.dtype and a.shape == b.shape
+      assert _rel(a, b) <= rtol, (step, a.shape, _rel(a, b), rtol)
+    for a, b in zip(i_ref, i):
+      assert a.dtype == b.dtype and int(a) == int(b) == step + 1
+    for a, b in zip(q_ref, q):
+      delta = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32))
+      assert delta.max() <= 1, (step, a.codes.shape, delta.max())
+      assert _rel(a.absmax, b.absmax) <= rtol, (step, _rel(a.absmax, b.absmax), rtol)
+    ref_params, ref_state = new_params, new_state
+  assert refreshes == ("galore" in name) * len(range(0, STEPS, GAP))
   assert int(state.step) == STEPS
-  # Counts advanced once per step, and the state keeps `tx.init`'s structure and dtypes.
-  assert jax.tree.structure(state.opt_state) == jax.tree.structure(ref_state)
-  for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state.opt_state)):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if a.dtype == jnp.int32:
-      assert int(a) == int(b) == STEPS
 
 
 def _svd_conds(jaxpr, inside_cond=False):
