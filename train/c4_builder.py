@@ -245,6 +245,7 @@ class C4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._validation_fraction = validation_fraction
     self._strict = strict
     self.file_stats: dict[str, FileStats] = {}
+    self.split_documents: dict[str, int] = {}  # documents yielded per split, once it is read
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -281,6 +282,7 @@ class C4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Yields `(key, example)` for one split, with a progress bar over the bytes read."""
     sources = self._sources(split)
     total = sum(path.stat().st_size for path, _ in sources)
+    count = 0
     with tqdm.tqdm(total=total, desc=f"c4 {split}", unit="B", unit_scale=True) as bar:
       for file_index, (path, keep) in enumerate(sources):
         stats = FileStats()
@@ -289,8 +291,20 @@ class C4(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         ):
           text = example["text"]
           if keep is None or keep == in_validation_fraction(text, self._validation_fraction):
+            count += 1
             yield f"{file_index:05d}:{line_number:010d}", example
         self.file_stats[str(path)] = stats  # A file read for both splits counts the same twice.
+    self.split_documents[split] = count
+
+  def empty_split_error(self, split: str, data_dir: str | os.PathLike) -> ValueError:
+    """The error for a split whose inputs gave no document, with their bad-record counts."""
+    paths = [path for path, _ in self._sources(split)]
+    counts = [f"{path.name}: {self.file_stats.get(str(path), FileStats())}" for path in paths]
+    return ValueError(
+      f"C4 split {split!r} would have no documents in {os.fspath(data_dir)}: its "
+      f"{len(paths)} input files gave none ({'; '.join(counts)}). Nothing was prepared; give "
+      "files with JSON lines that have a non-empty string `text`."
+    )
 
 
 def prepare(
@@ -343,6 +357,12 @@ def prepare(
   )
   tfds.disable_progress_bar()  # Ours shows bytes read, with an ETA.
   with tempfile.TemporaryDirectory() as download_dir:  # Nothing is downloaded; keep it out.
-    builder.download_and_prepare(download_dir=download_dir)
+    try:
+      builder.download_and_prepare(download_dir=download_dir)
+    except AssertionError as e:  # tfds: 'Failed to finalize writing of split ...: No examples'
+      empty = [split for split, n in builder.split_documents.items() if n == 0]
+      if not empty:
+        raise
+      raise builder.empty_split_error(empty[0], data_dir) from e
   documents = {split: builder.info.splits[split].num_examples for split in SPLITS}
   return PrepareSummary(Path(data_dir), documents, builder.file_stats)

@@ -58,6 +58,7 @@ __all__ = [
   "ensure_bundled_prepared",
   "make_eval_batches",
   "make_train_iterator",
+  "num_documents",
   "unigram_perplexity",
 ]
 
@@ -312,6 +313,18 @@ def unigram_perplexity(
   )
   log_p = np.log(train + 1.0) - np.log(train.sum() + vocab_size)
   return float(np.exp(-(evaluated @ log_p) / evaluated.sum()))
+
+
+def num_documents(data_dir: str | os.PathLike, split: str) -> int:
+  """How many documents split `split` (a name or slice) of the C4 in `data_dir` holds."""
+  try:
+    return len(_data_source(data_dir, split))
+  except ValueError as e:
+    # tfds' array_record reader refuses a slice that selects no file ("Paths sequence can not
+    # be of 0 length"); that is an empty split, not a broken one.
+    if "0 length" in str(e):
+      return 0
+    raise
 
 
 def _target_counts(batches: Iterable[Mapping[str, np.ndarray]], vocab_size: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -13,6 +14,10 @@ import galore_jax as gj
 
 OPTIMIZERS = ("galore_adamw", "adamw", "galore", "adamw_8bit", "galore_adamw_8bit")
 INNER_OPTIMIZERS = ("adam", "adafactor")
+# The names galore_jax accepts (its own lists are private).
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SUBSPACE_METHODS = ("svd", "randomized")
+ON_REFRESH = ("keep", "reset", "rotate")
 
 
 def warmup_cosine_schedule(
@@ -118,24 +123,74 @@ def _make_8bit(o: ml_collections.ConfigDict, lr: optax.Schedule):
   return adam8bit.galore_adamw_8bit(lr, **kw, **_galore_options(o))
 
 
+def _number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) -> None:
-  """Clear errors for optimizer settings that cannot work with these parameters."""
+  """Errors naming the `config.optimizer` field, for settings that cannot work with `params`.
+
+  Every check of an optimizer field is here (called by `trainer.build`, before compiling);
+  each message starts with `config.optimizer.<field>=<value>`.
+  """
   o = config.optimizer
+
+  def fail(field: str, why: str):
+    raise ValueError(f"config.optimizer.{field}={o[field]!r} {why}")
+
   if o.name not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer.name={o.name!r} is not one of {OPTIMIZERS}.")
+    fail("name", f"is not one of {OPTIMIZERS}.")
+  if o.name == "galore" and o.inner not in INNER_OPTIMIZERS:
+    fail("inner", f"is not one of {INNER_OPTIMIZERS}.")
+  ranges = {  # field: (low, high, low inclusive, high inclusive)
+    "learning_rate": (0, math.inf, False, False),
+    "warmup_fraction": (0, 1, True, True),
+    "min_lr_ratio": (0, 1, True, True),
+    "b1": (0, 1, True, False),
+    "b2": (0, 1, True, False),
+    "eps": (0, math.inf, False, False),
+    "weight_decay": (0, math.inf, True, False),
+    "grad_clip_norm": (0, math.inf, True, False),
+  }
+  for field, (low, high, low_in, high_in) in ranges.items():
+    v = o[field]
+    if (
+      not _number(v)
+      or not (v >= low if low_in else v > low)
+      or not (v <= high if high_in else v < high)
+    ):
+      fail(
+        field,
+        f"must be a number in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}.",
+      )
+  for field in ("float32_vocab_moments", "align_signs"):
+    if not isinstance(o[field], bool):
+      fail(field, "must be True or False.")
   if "galore" not in o.name:
     return
+  for field, choices in (
+    ("proj_type", PROJ_TYPES),
+    ("subspace_method", SUBSPACE_METHODS),
+    ("on_refresh", ON_REFRESH),
+    ("projector_dtype", ("", "float32", "bfloat16", "float16")),
+  ):
+    if o[field] not in choices:
+      fail(field, f"is not one of {choices}.")
+  if not _number(o.scale) or o.scale <= 0:
+    fail("scale", "must be a number > 0.")
+  for field, low in (("update_proj_gap", 1), ("oversample", 0), ("power_iters", 0)):
+    if not isinstance(o[field], int) or isinstance(o[field], bool) or o[field] < low:
+      fail(field, f"must be an int >= {low}.")
   mask = gj.llama_galore_mask(params)
   dims = [min(p.shape[-2:]) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   if not dims:
-    raise ValueError("config.optimizer.name uses GaLore but the model has no attn/mlp kernels.")
-  if not isinstance(o.rank, int) or o.rank < 1 or o.rank > min(dims):
-    raise ValueError(
-      f"config.optimizer.rank={o.rank!r} must be an int in [1, {min(dims)}]: the smallest "
-      f"GaLore-targeted matrix of this model has min(in, out) = {min(dims)}."
+    fail("name", "uses GaLore but the model has no attn/mlp kernels.")
+  if not isinstance(o.rank, int) or isinstance(o.rank, bool) or not 1 <= o.rank <= min(dims):
+    fail(
+      "rank",
+      f"must be an int in [1, {min(dims)}]: the smallest GaLore-targeted matrix of this model "
+      f"has min(in, out) = {min(dims)}.",
     )
-  if not isinstance(o.update_proj_gap, int) or o.update_proj_gap < 1:
-    raise ValueError(f"config.optimizer.update_proj_gap={o.update_proj_gap!r} must be an int >= 1.")
 
 
 def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:

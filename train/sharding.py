@@ -108,7 +108,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:
 
 def validate_batch(config: Any, mesh: Mesh) -> None:
   """Named errors when a (micro-)batch cannot be split evenly over the batch devices."""
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  shape = getattr(mesh, "shape", mesh)  # a Mesh or a {axis: size} mapping
+  shards = math.prod(shape[a] for a in BATCH_AXES)
   t = config.train
   micro = t.batch_size // t.grad_accum_steps
   if micro % shards:
@@ -116,13 +117,13 @@ def validate_batch(config: Any, mesh: Mesh) -> None:
       f"config.train.batch_size={t.batch_size} / config.train.grad_accum_steps="
       f"{t.grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
       f"{shards} data-parallel devices (config.mesh.data x config.mesh.fsdp = "
-      f"{mesh.shape['data']} x {mesh.shape['fsdp']})."
+      f"{shape['data']} x {shape['fsdp']})."
     )
   if t.eval_batch_size % shards:
     raise ValueError(
       f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the {shards} "
       f"data-parallel devices (config.mesh.data x config.mesh.fsdp = "
-      f"{mesh.shape['data']} x {mesh.shape['fsdp']})."
+      f"{shape['data']} x {shape['fsdp']})."
     )
   if jax.process_count() > 1 and t.batch_size % jax.process_count():
     raise ValueError(

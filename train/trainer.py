@@ -22,8 +22,18 @@ import ml_collections
 import optax
 from flax import nnx
 
-from train import checkpoint, data, metrics, optim, sharding
-from train.model import Llama, LlamaConfig, count_params, llama_config, next_token_loss
+from train import c4_builder, checkpoint, data, metrics, optim, sharding
+from train.model import (
+  LLAMA_SIZES,
+  REMAT_POLICIES,
+  Llama,
+  LlamaConfig,
+  count_params,
+  llama_config,
+  next_token_loss,
+)
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class TrainState(NamedTuple):
@@ -64,37 +74,123 @@ def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
   )
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_error(field: str, value: Any, why: str) -> ValueError:
+  """An error that starts with `config.<section>.<field>=<value>`."""
+  return ValueError(f"config.{field}={value!r} {why}")
+
+
+def _check_ints(config: ml_collections.ConfigDict, low: int, fields: str) -> None:
+  for field in fields.split():
+    section, key = field.split(".")
+    value = config[section][key]
+    if not _is_int(value) or value < low:
+      raise _field_error(field, value, f"must be an int >= {low}.")
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
+  section, key = field.split(".")
+  if config[section][key] not in choices:
+    raise _field_error(field, config[section][key], f"is not one of {choices}.")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Errors that name the config field, before anything is built."""
-  t = config.train
-  for field in ("num_steps", "batch_size", "grad_accum_steps", "eval_every", "checkpoint_every"):
-    value = t[field]
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.train.{field}={value!r} must be an int >= 1.")
+  """Errors that name the config field, before anything is built (no I/O, no devices).
+
+  The optimizer's fields are checked by `optim.validate_optimizer_config` (it needs the
+  parameter shapes), the data locations by `validate_data_config`, the mesh by
+  `sharding.validate_batch`; `build` and `train_and_evaluate` call them before compiling.
+  """
+  t, m = config.train, config.model
+  _check_ints(
+    config,
+    1,
+    "train.num_steps train.batch_size train.grad_accum_steps train.eval_every "
+    "train.checkpoint_every train.log_every train.eval_batch_size train.keep_checkpoints",
+  )
+  _check_ints(config, 0, "train.seed train.stop_after_steps")
   if t.batch_size % t.grad_accum_steps:
-    raise ValueError(
-      f"config.train.batch_size={t.batch_size} is not divisible by "
-      f"config.train.grad_accum_steps={t.grad_accum_steps}."
+    raise _field_error(
+      "train.batch_size",
+      t.batch_size,
+      f"is not divisible by config.train.grad_accum_steps={t.grad_accum_steps}.",
     )
-  if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ValueError(
-      f"config.optimizer.name={config.optimizer.name!r} is not one of {optim.OPTIMIZERS}."
+  if t.fused_update and not m.scan_layers:
+    raise _field_error("train.fused_update", t.fused_update, "needs config.model.scan_layers=True.")
+  _check_choice(config, "model.size", tuple(LLAMA_SIZES))
+  _check_ints(config, 0, "model.hidden_dim model.mlp_dim model.num_heads model.num_layers")
+  for field in ("dtype", "param_dtype"):
+    _check_choice(config, f"model.{field}", DTYPES)
+  _check_choice(config, "model.remat_policy", ("none", *REMAT_POLICIES))
+  size = LLAMA_SIZES[m.size]
+  hidden, heads = m.hidden_dim or size.hidden_dim, m.num_heads or size.num_heads
+  if hidden % heads or (hidden // heads) % 2:
+    raise _field_error(
+      "model.num_heads",
+      heads,
+      f"must split config.model.hidden_dim={hidden} into heads of even size (rotary "
+      "embeddings rotate pairs).",
     )
-  if config.data.mode not in data.MODES:
-    raise ValueError(f"config.data.mode={config.data.mode!r} is not one of {data.MODES}.")
-  if config.train.fused_update and not config.model.scan_layers:
-    raise ValueError("config.train.fused_update=True needs config.model.scan_layers=True.")
+  _check_choice(config, "data.mode", data.MODES)
+  _check_ints(config, 2, "data.seq_len")  # one input and one target token at least
+  _check_ints(config, 0, "data.eval_max_documents data.worker_count data.seed")
+  for field in ("train_split", "eval_split"):
+    if not isinstance(config.data[field], str) or not config.data[field]:
+      raise _field_error(f"data.{field}", config.data[field], "must be a tfds split name.")
+  for field in ("data", "fsdp"):
+    value = config.mesh[field]
+    if not _is_int(value) or (value < 1 and value != -1):
+      raise _field_error(f"mesh.{field}", value, "must be an int >= 1, or -1 (all the rest).")
+  _check_choice(config, "mesh.distributed", ("auto", "on", "off"))
 
 
-def validate_data_config(config: ml_collections.ConfigDict) -> None:
-  """Errors for data locations that do not exist (checked when a run starts, not at build)."""
-  if config.data.data_dir and not Path(config.data.data_dir).is_dir():
-    raise ValueError(
-      f"config.data.data_dir={config.data.data_dir!r} does not exist; prepare C4 there with "
-      "`python -m train.prepare_data --output_dir=...` or leave it empty for the bundled sample."
+def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> None:
+  """Errors for data that cannot be read (checked when a run starts, not at build): the data
+  dir, its prepared C4, both splits (not empty) and the vocabulary (a SentencePiece model
+  that fits the model's embedding)."""
+  d = config.data
+  if d.data_dir and not Path(d.data_dir).is_dir():
+    raise _field_error(
+      "data.data_dir",
+      d.data_dir,
+      "does not exist; prepare C4 there with `python -m train.prepare_data --output_dir=...` "
+      "or leave it empty for the bundled sample.",
     )
-  if config.data.vocab_path and not Path(config.data.vocab_path).is_file():
-    raise ValueError(f"config.data.vocab_path={config.data.vocab_path!r} is not a file.")
+  data_dir = setup.data_dir
+  if not c4_builder.is_prepared(data_dir):
+    raise _field_error(
+      "data.data_dir",
+      d.data_dir,
+      f"has no prepared C4 (no {c4_builder.dataset_dir(data_dir) / 'dataset_info.json'}); "
+      f"prepare it with `python -m train.prepare_data --output_dir={data_dir} ...`.",
+    )
+  if d.vocab_path and not Path(d.vocab_path).is_file():
+    raise _field_error("data.vocab_path", d.vocab_path, "is not a file.")
+  try:
+    vocab_size = data.Tokenizer(setup.vocab_path).vocab_size
+  except Exception as e:  # noqa: BLE001 (sentencepiece raises RuntimeError/OSError)
+    raise _field_error(
+      "data.vocab_path", d.vocab_path, f"is not a usable SentencePiece model: {e}"
+    ) from e
+  if vocab_size > setup.model_config.vocab_size:
+    raise _field_error(
+      "data.vocab_path",
+      d.vocab_path,
+      f"has {vocab_size} pieces but config.model.size={config.model.size!r} embeds only "
+      f"{setup.model_config.vocab_size} token ids.",
+    )
+  for field in ("train_split", "eval_split"):
+    try:
+      n = data.num_documents(data_dir, d[field])
+    except Exception as e:  # noqa: BLE001 (tfds raises many types for bad splits)
+      raise _field_error(f"data.{field}", d[field], f"cannot be read from {data_dir}: {e}") from e
+    if n == 0:
+      raise _field_error(
+        f"data.{field}", d[field], f"has no documents in {data_dir}: nothing to train or evaluate."
+      )
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
@@ -214,8 +310,21 @@ def evaluate(eval_step, params, batches, put_batch=None) -> dict[str, float]:
     loss_sum, n = eval_step(params, put_batch(batch))
     total += float(loss_sum)
     count += int(n)
-  loss = total / max(count, 1)
+  if count == 0:  # a loss of 0 and perplexity 1 would look like a perfect model
+    raise ValueError("the eval split has no target tokens to evaluate.")
+  loss = total / count
   return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": count}
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point leaf of `tree` is free of NaN/Inf."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _step_name(step: int | None) -> str:
+  return "none" if step is None else f"step {step}"
 
 
 def _memory_summary(compiled) -> str:
@@ -234,16 +343,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary."""
   workdir = Path(workdir)
   sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
-  validate_data_config(config)
+  # Every config error is raised here, before anything is allocated or compiled.
   setup = build(config)
+  if not config.data.data_dir:
+    data.ensure_bundled_prepared(setup.data_dir)
+  validate_data_config(config, setup)
+  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
+  sharding.validate_batch(config, dict(zip(sharding.MESH_AXES, shape)))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   layout = make_layout(config, setup, mesh)
   # Checkpoints are shared; logs, metrics and plots of processes other than 0 go to a subdir.
   logdir = workdir if jax.process_index() == 0 else workdir / f"process_{jax.process_index()}"
   logdir.mkdir(parents=True, exist_ok=True)
   t = config.train
-  if not config.data.data_dir:
-    data.ensure_bundled_prepared(setup.data_dir)
   with open(logdir / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
@@ -258,8 +370,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     vocab_path=setup.vocab_path,
     worker_count=config.data.worker_count,
   )
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-  restored = ckpt.restore_latest(state)
+  ckpt = checkpoint.Checkpointer(
+    workdir / "checkpoints", keep=t.keep_checkpoints, clean_unfinished=True
+  )
+  restored = ckpt.restore_latest(state, set_aside=True)
   if restored is not None:
     state, iter_state = restored
     train_iter.set_state(iter_state)
@@ -340,11 +454,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   def finish(step_done: int, out) -> dict[str, float]:
     values = {k: float(v) for k, v in jax.device_get(out).items()}
     if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+      ckpt.wait()  # the last good checkpoint is complete on disk before we name it
       last = ckpt.latest_step()
       raise TrainingDiverged(
         f"non-finite loss/gradient at step {step_done}: loss={values['loss']}, grad_norm="
         f"{values['grad_norm']}. Stopped; the last good checkpoint "
-        f"({'none' if last is None else f'step {last}'}) in {ckpt.directory} is untouched."
+        f"({_step_name(last)}) in {ckpt.directory} is untouched."
       )
     values["learning_rate"] = float(setup.schedule(step_done - 1))
     progress.update(step_done, values)
@@ -375,6 +490,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         f"perplexity {last_eval['eval_perplexity']:.2f}"
       )
     if done % t.checkpoint_every == 0 or is_last:
+      # The loss checked so far is that of the parameters *before* this step's update.
+      if not bool(_all_finite((state.params, state.opt_state))):
+        ckpt.wait()
+        raise TrainingDiverged(
+          f"non-finite parameters/optimizer state at step {done} (after its update). Stopped "
+          f"without saving it; the last good checkpoint ({_step_name(ckpt.latest_step())}) in "
+          f"{ckpt.directory} is untouched."
+        )
       ckpt.save(done, state, train_iter.get_state())
   if pending is not None:
     finish(*pending)
@@ -413,4 +536,5 @@ __all__ = [
   "make_train_step",
   "train_and_evaluate",
   "validate_config",
+  "validate_data_config",
 ]
