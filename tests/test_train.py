@@ -181,3 +181,28 @@ def test_fused_update_trains_like_the_standard_step(data_dir, tmp_path):
     losses[fused_update] = [r["loss"] for r in trainer.load_metrics(workdir) if "loss" in r]
   # The fused step recomputes each block (like remat): float32 reassociation only.
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_tokens_per_second_counts_non_pad_inputs_of_training_time_only(data_dir, tmp_path):
+  """`tokens_per_second` = non-pad input tokens / training seconds (eval and saves excluded);
+  `total_tokens_per_second` counts every input position, pad included."""
+  config = tiny_config(data_dir, num_steps=4, eval_every=2, checkpoint_every=2)
+  final = trainer.train_and_evaluate(config, tmp_path)
+  it = data.make_train_iterator(
+    data_dir,
+    split=config.data.train_split,
+    seq_len=config.data.seq_len,
+    batch_size=config.train.batch_size,
+    mode=config.data.mode,
+    seed=config.data.seed,
+  )
+  rows = [next(it)["tokens"] for _ in range(4)]
+  non_pad = sum(int(np.count_nonzero(r[:, :-1])) for r in rows)
+  positions = 4 * config.train.batch_size * (config.data.seq_len - 1)
+  assert non_pad < positions  # pad mode: the sample has short documents
+  seconds = final["train_seconds"]
+  np.testing.assert_allclose(final["tokens_per_second"] * seconds, non_pad, rtol=1e-9)
+  np.testing.assert_allclose(final["total_tokens_per_second"] * seconds, positions, rtol=1e-9)
+  assert seconds < final["wall_seconds"]  # two evals and two saves were left out
+  logged = [r for r in trainer.load_metrics(tmp_path) if "tokens_per_second" in r]
+  assert len(logged) == 4 and all(r["tokens_per_second"] > 0 for r in logged)

@@ -45,8 +45,51 @@ class MetricWriter:
       self._tb.close()
 
 
+class Throughput:
+  """Tokens per second of training time: eval, checkpoint saves and compilation excluded.
+
+  * `tokens_per_second`: non-pad input tokens (`tokens[:, :-1] != 0` of every row the step
+    read, over all processes) per second: the work that is not padding.
+  * `total_tokens_per_second`: every input position (`B x (L - 1)`), pad included.
+
+  The clock runs only between `start()` and `stop()`; the trainer stops it around evals and
+  saves. Steps are dispatched one ahead of their metrics, so a rate read mid-run may include
+  up to one step's time without its tokens; at the end every step is counted.
+  """
+
+  def __init__(self):
+    self.train_seconds = 0.0
+    self.tokens = 0
+    self.total_tokens = 0
+    self._since: float | None = None
+
+  def start(self) -> None:
+    if self._since is None:
+      self._since = time.perf_counter()
+
+  def stop(self) -> None:
+    if self._since is not None:
+      self.train_seconds += time.perf_counter() - self._since
+      self._since = None
+
+  def add(self, tokens: int, total_tokens: int) -> None:
+    self.tokens += int(tokens)
+    self.total_tokens += int(total_tokens)
+
+  def rates(self) -> dict[str, float]:
+    seconds = self.train_seconds
+    if self._since is not None:
+      seconds += time.perf_counter() - self._since
+    seconds = max(seconds, 1e-9)
+    return {
+      "tokens_per_second": self.tokens / seconds,
+      "total_tokens_per_second": self.total_tokens / seconds,
+      "train_seconds": seconds,
+    }
+
+
 class Progress:
-  """tqdm bar with loss, learning rate, tokens/s; tqdm supplies the ETA."""
+  """tqdm bar with loss, learning rate, non-pad tokens/s; tqdm supplies the ETA."""
 
   def __init__(self, total: int, initial: int, enabled: bool = True):
     self._bar = tqdm.tqdm(
@@ -61,16 +104,13 @@ class Progress:
     self._n0 = initial
     self._n = initial
 
-  def update(self, step: int, values: dict) -> None:
+  def update(self, step: int, values: dict, tokens_per_second: float | None = None) -> None:
     self._bar.update(step - self._n)
     self._n = step
-    self._bar.set_postfix(
-      loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}", refresh=False
-    )
-
-  def tokens_per_second(self, tokens_per_step: int) -> float:
-    elapsed = max(time.time() - self._t0, 1e-9)
-    return (self._n - self._n0) * tokens_per_step / elapsed
+    postfix = dict(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.2e}")
+    if tokens_per_second is not None:
+      postfix["tok/s"] = f"{tokens_per_second:.0f}"  # non-pad, training time only
+    self._bar.set_postfix(**postfix, refresh=False)
 
   def write(self, message: str) -> None:
     self._bar.write(message)
@@ -105,8 +145,10 @@ def print_start_summary(s: dict) -> None:
 def print_end_summary(final: dict, png: Path | None, workdir: Path) -> None:
   lines = [
     "=" * 72,
-    f"done: {final['steps']} steps in {final['wall_seconds']:.0f} s, "
-    f"{final['tokens_per_second']:.0f} tokens/s",
+    f"done: {final['steps']} steps in {final['wall_seconds']:.0f} s "
+    f"({final['train_seconds']:.0f} s training), {final['tokens_per_second']:.0f} non-pad "
+    f"tokens/s ({final['total_tokens_per_second']:.0f} tokens/s with padding; eval, "
+    "checkpoints and compilation excluded)",
   ]
   if "eval_perplexity" in final:
     floor = final.get("unigram_perplexity")

@@ -392,6 +392,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     )
   else:
     train_step = make_train_step(setup, t.grad_accum_steps, layout)
+  step_fn = train_step
+
+  def train_step(state, batch):  # plus the non-pad input tokens read (global, for the metric)
+    state, out = step_fn(state, batch)
+    inputs = batch["tokens"][:, :-1]
+    return state, {**out, "input_tokens": jnp.sum(inputs != 0, dtype=jnp.int32)}
+
   train_step = jax.jit(
     train_step,
     in_shardings=(layout.state, layout.batch),
@@ -445,7 +452,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer.write_summary(summary)
 
   start_step = int(state.step)
-  tokens_per_step = t.batch_size * config.data.seq_len
+  positions_per_step = t.batch_size * (config.data.seq_len - 1)  # input positions, pad included
+  throughput = metrics.Throughput()
   progress = metrics.Progress(t.num_steps, start_step, enabled=t.progress_bar)
   pending = None  # (step, metrics future) of the previous step: fetched after dispatching the next
   last_eval: dict[str, float] = {}
@@ -462,14 +470,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         f"({_step_name(last)}) in {ckpt.directory} is untouched."
       )
     values["learning_rate"] = float(setup.schedule(step_done - 1))
-    progress.update(step_done, values)
+    throughput.add(values.pop("input_tokens"), positions_per_step)
+    rates = throughput.rates()
+    progress.update(step_done, values, rates["tokens_per_second"])
     if step_done % t.log_every == 0 or step_done == t.num_steps:
-      writer.write(
-        step_done, {**values, "tokens_per_second": progress.tokens_per_second(tokens_per_step)}
-      )
+      writer.write(step_done, {**values, **rates})
     return values
 
   stop = min(t.num_steps, t.stop_after_steps or t.num_steps)
+  throughput.start()
   for step in range(start_step, stop):
     batch = layout.put_batch(next(train_iter))
     state, out = train_step(state, batch)
@@ -482,6 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if boundary:
       finish(*pending)  # checkpoints and evals only see verified-finite states
       pending = None
+    throughput.stop()  # evals and saves are not training time
     if done % t.eval_every == 0 or done == t.num_steps:
       last_eval = evaluate(eval_step, state.params, eval_batches(), layout.put_batch)
       writer.write(done, last_eval)
@@ -499,15 +509,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           f"{ckpt.directory} is untouched."
         )
       ckpt.save(done, state, train_iter.get_state())
+    throughput.start()
   if pending is not None:
     finish(*pending)
+  throughput.stop()
   ckpt.wait()
   progress.close()
   wall = time.time() - t_start
   final = {
     "steps": int(state.step),
     "wall_seconds": wall,
-    "tokens_per_second": progress.tokens_per_second(tokens_per_step),
+    **throughput.rates(),
     **last_eval,
     **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
   }
