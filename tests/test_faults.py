@@ -194,8 +194,9 @@ def _truncate(path):
 
 
 CORRUPTIONS = {
-  # orbax alone restores this one silently (NaN parameters); the saved checksums catch it.
-  "flipped_array_bytes": (_flip_bytes, r"do not match the checksums .*params"),
+  # orbax alone restores this one silently (garbage values); the saved checksums catch it.
+  # Which arrays the largest data file holds depends on OCDBT's layout: any one may be named.
+  "flipped_array_bytes": (_flip_bytes, r"do not match the checksums .*: \.(params|opt_state)"),
   "truncated_array_file": (lambda d: _truncate(_array_files(d)[-1]), r"reading array"),
   "deleted_array_file": (lambda d: os.remove(_array_files(d)[-1]), r"reading array"),
   "truncated_array_metadata": (lambda d: _truncate(f"{d}/state/_METADATA"), r"JSON|string"),
