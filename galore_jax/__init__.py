@@ -16,6 +16,9 @@ from galore_jax.adam8bit import (
   scale_by_adam_8bit,
 )
 from galore_jax.transform import (
+  ON_REFRESH,
+  PROJ_TYPES,
+  SUBSPACE_METHODS,
   GaLoreDimensionNumbers,
   GaLoreState,
   ScaleByTransformersAdamState,
@@ -30,6 +33,9 @@ from galore_jax.transform import (
 )
 
 __all__ = [
+  "ON_REFRESH",
+  "PROJ_TYPES",
+  "SUBSPACE_METHODS",
   "QuantizedMoment",
   "ScaleByAdam8bitState",
   "adam8bit_state_bytes",

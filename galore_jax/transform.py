@@ -139,6 +139,12 @@ def _plans(params, mask, dimension_numbers, proj_type: str):
   return jax.tree.map(plan, params, mask_tree, dn_tree, is_leaf=_is_dn)
 
 
+# Accepted values of the string options (public as galore_jax.PROJ_TYPES etc., for config checks).
+PROJ_TYPES = _projector.PROJ_TYPES
+SUBSPACE_METHODS = _subspace.METHODS
+ON_REFRESH = ("keep", "reset", "rotate")
+
+
 def _validate_static(rank, update_proj_gap, proj_type, subspace_method, on_refresh):
   for name, value in (("rank", rank), ("update_proj_gap", update_proj_gap)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -155,8 +161,8 @@ def _validate_static(rank, update_proj_gap, proj_type, subspace_method, on_refre
     raise ValueError(
       f"galore: subspace_method must be one of {_subspace.METHODS}, got {subspace_method!r}."
     )
-  if on_refresh not in ("keep", "reset", "rotate"):
-    raise ValueError(f"galore: on_refresh must be 'keep', 'reset' or 'rotate', got {on_refresh!r}.")
+  if on_refresh not in ON_REFRESH:
+    raise ValueError(f"galore: on_refresh must be one of {ON_REFRESH}, got {on_refresh!r}.")
 
 
 def scale_by_galore(

@@ -14,10 +14,6 @@ import galore_jax as gj
 
 OPTIMIZERS = ("galore_adamw", "adamw", "galore", "adamw_8bit", "galore_adamw_8bit")
 INNER_OPTIMIZERS = ("adam", "adafactor")
-# The names galore_jax accepts (its own lists are private).
-PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-SUBSPACE_METHODS = ("svd", "randomized")
-ON_REFRESH = ("keep", "reset", "rotate")
 
 
 def warmup_cosine_schedule(
@@ -169,9 +165,9 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
   if "galore" not in o.name:
     return
   for field, choices in (
-    ("proj_type", PROJ_TYPES),
-    ("subspace_method", SUBSPACE_METHODS),
-    ("on_refresh", ON_REFRESH),
+    ("proj_type", gj.PROJ_TYPES),
+    ("subspace_method", gj.SUBSPACE_METHODS),
+    ("on_refresh", gj.ON_REFRESH),
     ("projector_dtype", ("", "float32", "bfloat16", "float16")),
   ):
     if o[field] not in choices:
