@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 import galore_jax as gj
-from galore_jax.adam8bit import adamw_8bit, galore_adamw_8bit
+from galore_jax import adamw_8bit, galore_adamw_8bit
 
 
 def llama60m_shaped(key: jax.Array) -> dict:

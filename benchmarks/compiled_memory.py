@@ -63,9 +63,9 @@ def make_optimizer(
   if adam8bit is None:
     raise ValueError(f"{name} needs galore_jax.adam8bit")
   if name == "adamw_8bit":
-    return adam8bit.adamw_8bit(lr)
+    return gj.adamw_8bit(lr)
   if name == "galore_adamw_8bit":
-    return adam8bit.galore_adamw_8bit(lr, **galore)
+    return gj.galore_adamw_8bit(lr, **galore)
   raise ValueError(f"unknown optimizer {name!r}; known: {OPTIMIZERS}")
 
 

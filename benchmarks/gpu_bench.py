@@ -88,8 +88,8 @@ def make_tx(name: str, rank: int, gap: int, method: str) -> optax.GradientTransf
   if name == "galore_adamw":
     return gj.galore_adamw(1e-3, **galore)
   if name == "adamw_8bit":
-    return adam8bit.adamw_8bit(1e-3)
-  return adam8bit.galore_adamw_8bit(1e-3, **galore)
+    return gj.adamw_8bit(1e-3)
+  return gj.galore_adamw_8bit(1e-3, **galore)
 
 
 def prepare(size: str, opt: str, args):

@@ -74,15 +74,14 @@ def cross_check(size: str) -> None:
   import optax
 
   import galore_jax as gj
-  from galore_jax import adam8bit
 
   _, _, params = abstract_model(size, scan_layers=True)
   r = PAPER_RANK[size]
   txs = {
     "adamw": optax.adamw(1e-3),
     "galore_adamw": gj.galore_adamw(1e-2, rank=r, mask=gj.llama_galore_mask),
-    "adamw_8bit": adam8bit.adamw_8bit(1e-3),
-    "galore_adamw_8bit": adam8bit.galore_adamw_8bit(1e-2, rank=r, mask=gj.llama_galore_mask),
+    "adamw_8bit": gj.adamw_8bit(1e-3),
+    "galore_adamw_8bit": gj.galore_adamw_8bit(1e-2, rank=r, mask=gj.llama_galore_mask),
   }
   for name, tx in txs.items():
     exact = state_bytes(tx, params)

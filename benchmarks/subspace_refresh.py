@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from galore_jax import _projector, _subspace
+from galore_jax import _subspace, projection
 
 # name: (in_dim, out_dim, paper rank); square attention kernels and the MLP up/gate kernel.
 SHAPES = {
@@ -203,7 +203,7 @@ def load_gradients(path: Path):
   for key in z.files:
     step, name = key.split(":")
     g = z[key].astype(np.float64)
-    side = _projector.side_for("std", g.shape[-2], g.shape[-1])
+    side = projection.side_for("std", g.shape[-2], g.shape[-1])
     out[int(step), name] = g if side == "in" else np.swapaxes(g, -1, -2)
   return out
 
@@ -448,7 +448,7 @@ def part_speed(args) -> None:
       rows = []
       t_svd = (float("nan"), float("nan"))
       if not args.skip_svd:
-        svd = jax.jit(lambda g, r=r: _projector.svd_projectors(g, "in", r)[0])
+        svd = jax.jit(lambda g, r=r: projection.svd_projectors(g, "in", r)[0])
         compiled = svd.lower(g).compile()
         reps = args.svd_repeats_7b if name == "7b" else args.repeats
         t_svd = _timed(compiled, (g,), reps)

@@ -1,7 +1,7 @@
 """Pure array math of subspace refreshes: exact SVD and a warm-started randomized range finder.
 
 All functions take a canonical `[..., I, O]` gradient and return orthonormal bases `[..., D, r]`
-with the canonical sign convention of `_projector.canonical_sign`, computed in float32. Leading
+with the canonical sign convention of `projection.canonical_sign`, computed in float32. Leading
 axes are batch axes (stacked layers): every matrix gets its own subspace, in one code path.
 
 The randomized method is randomized subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4)
@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from galore_jax import _projector
+from galore_jax import projection
 
 METHODS = ("svd", "randomized")
 SIGNS = ("canonical", "align")
@@ -120,7 +120,7 @@ def randomized_left_basis(
   x = jnp.where(warm, start, omega)
   iters = jnp.where(jnp.all(warm), power_iters, _cold_iters(power_iters, cold_power_iters))
   x = jax.lax.fori_loop(0, iters - 1, lambda _, x: _orth(_mm(a_DxE, _mm(_t(a_DxE), x))), x)
-  return _projector.canonical_sign(_row_ritz_left(a_DxE, x, r))
+  return projection.canonical_sign(_row_ritz_left(a_DxE, x, r))
 
 
 def _cold_iters(power_iters: int, cold_power_iters: int | None) -> int:
@@ -148,7 +148,7 @@ def make_refresh_fn(
   """Returns `refresh(g_IxO, prev, side, key) -> tuple of bases` for a subspace method.
 
   `prev` is the tuple of current bases (zeros before the first refresh) and `side` one of
-  `_projector.SIDES`. `sign="align"` flips each new vector to agree with the previous one
+  `projection.SIDES`. `sign="align"` flips each new vector to agree with the previous one
   (`align_signs`) after the canonical sign; `"canonical"` keeps the canonical sign only.
   """
   if sign not in SIGNS:
@@ -226,7 +226,7 @@ def refresh_leaves(refresh, leaves: list) -> list:
 def _svd_refresh(rank: int):
   def compute(g, prev, side, key):
     del prev, key
-    return _projector.svd_projectors(g, side, rank)
+    return projection.svd_projectors(g, side, rank)
 
   return compute
 

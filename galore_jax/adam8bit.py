@@ -7,8 +7,8 @@ a dynamic quantisation map (signed for `m`, unsigned for `v`) plus one float32 a
 stepped in float32 and requantised within the step; float32 moments exist only as temporaries
 (on CPU one leaf at a time, see `update_fn`).
 
-Aliases: `adamw_8bit` (full-rank 8-bit AdamW, bitsandbytes' `AdamW8bit`) and `galore_adamw_8bit`
-(`galore_torch.GaLoreAdamW8bit`: GaLore with 8-bit low-rank moments).
+The aliases built on it, `adamw_8bit` (bitsandbytes' `AdamW8bit`) and `galore_adamw_8bit`
+(`galore_torch.GaLoreAdamW8bit`: GaLore with 8-bit low-rank moments), are in `galore_jax.alias`.
 
 References:
   Dettmers et al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022,
@@ -29,11 +29,6 @@ import numpy as np
 import optax
 
 from galore_jax import _quantize
-from galore_jax.transform import (
-  add_decayed_weights_after_update,
-  galore_mask_by_path,
-  scale_by_galore,
-)
 
 DEFAULT_BLOCK_SIZE = _quantize.DEFAULT_BLOCK_SIZE  # bitsandbytes 0.50's 8-bit optimizer blocks
 DEFAULT_MIN_8BIT_SIZE = 4096  # bitsandbytes' `min_8bit_size`: smaller leaves stay float32
@@ -275,147 +270,3 @@ def adam8bit_state_bytes(
   if size < min_8bit_size:
     return 2 * 4 * size
   return 2 * _quantize.quantized_nbytes(size, block_size)
-
-
-def adamw_8bit(
-  learning_rate: optax.ScalarOrSchedule,
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  weight_decay: float = 1e-2,
-  *,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-  block_size: int = DEFAULT_BLOCK_SIZE,
-  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
-  float32_mask: Any | Callable[[optax.Params], Any] | None = None,
-) -> optax.GradientTransformation:
-  r"""bitsandbytes' `AdamW8bit`: 8-bit Adam, then decoupled weight decay after the step.
-
-  bitsandbytes' CUDA kernel (the one the GaLore reference ran) first applies the Adam step and
-  then multiplies the parameter by `1 - lr * wd`:
-
-  .. math::
-    p_{t} = (p_{t-1} - \eta\, u_t)(1 - \eta\lambda)
-
-  (its CPU and Triton kernels decay first, `p (1 - ηλ) - η u`, which differs by `η²λ u`). This
-  chain reproduces the CUDA placement with `add_decayed_weights_after_update`.
-
-  Args:
-    learning_rate: `η`, a float or a schedule.
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: `ε` (on `sqrt(v̂)`; see `scale_by_adam_8bit`).
-    weight_decay: `λ` (bitsandbytes' AdamW8bit default 1e-2).
-    mask: which leaves decay: a pytree of bools or a callable `params -> pytree` (default all).
-    block_size: quantisation block size (static).
-    min_8bit_size: smaller leaves keep float32 moments (static).
-    float32_mask: leaves whose moments stay float32 (see `scale_by_adam_8bit`).
-
-  Returns:
-    An `optax.GradientTransformation`; `update` needs `params`.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, galore_jax as gj
-    >>> tx = gj.adamw_8bit(optax.cosine_decay_schedule(1e-3, 1000), weight_decay=0.1)
-    >>> params = {"w": jnp.ones((64, 128))}
-    >>> updates, state = tx.update({"w": jnp.ones((64, 128))}, tx.init(params), params)
-
-  References:
-    Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
-    https://arxiv.org/abs/2110.02861
-  """
-  return optax.chain(
-    scale_by_adam_8bit(
-      b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size, float32_mask=float32_mask
-    ),
-    optax.scale_by_learning_rate(learning_rate),
-    add_decayed_weights_after_update(weight_decay, learning_rate, mask),
-  )
-
-
-def galore_adamw_8bit(
-  learning_rate: optax.ScalarOrSchedule,
-  rank: int = 128,
-  update_proj_gap: int = 200,
-  scale: float = 0.25,
-  proj_type: str = "std",
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-8,
-  weight_decay: float = 0.0,
-  *,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-  block_size: int = DEFAULT_BLOCK_SIZE,
-  min_8bit_size: int = DEFAULT_MIN_8BIT_SIZE,
-  float32_mask: Any | Callable[[optax.Params], Any] | None = None,
-  **galore_kwargs,
-) -> optax.GradientTransformation:
-  r"""`galore_torch.GaLoreAdamW8bit`: GaLore with 8-bit low-rank Adam moments.
-
-  Masked leaves: the gradient is projected to rank `rank`, 8-bit Adam (`scale_by_adam_8bit`)
-  runs on the low-rank gradient (its moments are 8-bit when the *low-rank* shape has at least
-  `min_8bit_size` entries, as in the reference), the result is projected back times `scale`.
-  Other leaves: full-rank 8-bit Adam. Then, for every leaf,
-
-  .. math::
-    p_t = (p_{t-1} - \eta\, \tilde u_t)(1 - \eta\lambda)
-
-  which is both the reference's placement for GaLore leaves (decay stashed, applied after the
-  update on the full weight) and bitsandbytes' CUDA in-kernel placement for plain leaves, so one
-  chain is exact for both.
-
-  Args:
-    learning_rate: `η`, a float or a schedule.
-    rank: subspace rank (static).
-    update_proj_gap: refresh period in steps (static).
-    scale: GaLore's `α`.
-    proj_type: see `galore_jax.scale_by_galore`.
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: `ε` (bitsandbytes' default 1e-8; on `sqrt(v̂)`).
-    weight_decay: `λ` (the reference's class default is 1e-2; its training script passes its own).
-    mask: which leaves GaLore projects (see `scale_by_galore`);
-      `galore_jax.llama_galore_mask` is the paper's attention + MLP selection.
-    block_size: quantisation block size (static).
-    min_8bit_size: smaller (low-rank) leaves keep float32 moments (static).
-    float32_mask: leaves whose moments stay float32 (see `scale_by_adam_8bit`); a callable gets
-      the tree of (low-rank) moment shapes, laid out like the params, so path-based masks such as
-      `llama_vocab_mask` work unchanged.
-    **galore_kwargs: further keyword options of `scale_by_galore` (`dimension_numbers`,
-      `projector_dtype`, `subspace_method`, ...). `on_refresh` must stay `"keep"` (the reference):
-      resetting or rotating 8-bit moments is not implemented.
-
-  Returns:
-    An `optax.GradientTransformation`; `update` needs `params`.
-
-  Example:
-    >>> import galore_jax as gj
-    >>> tx = gj.galore_adamw_8bit(1e-2, rank=128, update_proj_gap=200, scale=0.25,
-    ...                           mask=gj.llama_galore_mask)
-
-  References:
-    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-    https://arxiv.org/abs/2403.03507
-  """
-  if galore_kwargs.get("on_refresh", "keep") != "keep":
-    raise ValueError(
-      f"galore_adamw_8bit: on_refresh={galore_kwargs['on_refresh']!r} is not supported with "
-      "8-bit moments (they are stored as codes + scales); use on_refresh='keep'."
-    )
-  inner = scale_by_adam_8bit(
-    b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size, float32_mask=float32_mask
-  )
-  return optax.chain(
-    scale_by_galore(inner, rank, update_proj_gap, scale, proj_type, mask=mask, **galore_kwargs),
-    optax.scale_by_learning_rate(learning_rate),
-    add_decayed_weights_after_update(weight_decay, learning_rate),
-  )
-
-
-def llama_vocab_mask(params: optax.Params) -> Any:
-  """True for the vocabulary-sized leaves of the LLaMA (token embedding and output head).
-
-  For `float32_mask`: bitsandbytes advises 32-bit optimizer states for embeddings (its
-  `StableEmbedding`), whose rows of tokens absent from a batch get zero gradients.
-  """
-  return galore_mask_by_path(params, ("embed", "lm_head"))

@@ -31,15 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from galore_jax import _projector
+from galore_jax import projection
 from galore_jax.adam8bit import DEFAULT_BLOCK_SIZE, DEFAULT_MIN_8BIT_SIZE, adam8bit_state_bytes
-from galore_jax.transform import GaLoreDimensionNumbers, GaLoreState, _make_plan
+from galore_jax.transform import GaLoreState
 
 # Optimizers `estimate_state_bytes` knows, and the transform each one stands for (constant lr):
 #   "adamw":             optax.adamw                      (1 int32 counter)
 #   "galore_adamw":      galore_jax.galore_adamw          (3 counters)
-#   "adamw_8bit":        galore_jax.adam8bit.adamw_8bit    (2 counters)
-#   "galore_adamw_8bit": galore_jax.adam8bit.galore_adamw_8bit (3 counters)
+#   "adamw_8bit":        galore_jax.adamw_8bit             (2 counters)
+#   "galore_adamw_8bit": galore_jax.galore_adamw_8bit      (3 counters)
 # A learning-rate schedule adds one int32 counter (`scale_by_schedule`) to optax.adamw.
 OPTIMIZERS: dict[str, int] = {
   "adamw": 1,
@@ -231,9 +231,9 @@ def estimate_state_bytes(
   moments = projectors = 0
   for name, shape in _named(named_shapes):
     if galore and len(shape) >= 2 and any(t in name for t in targets):
-      plan = _make_plan(shape, GaLoreDimensionNumbers(), proj_type)
-      moments += moment_bytes(_projector.low_rank_shape(plan.canon_shape, plan.side, rank))
-      for s in _projector.projector_shapes(plan.canon_shape, plan.side, rank):
+      plan = projection.matrix_layout(shape, projection.GaLoreDimensionNumbers(), proj_type)
+      moments += moment_bytes(projection.low_rank_shape(plan.canon_shape, plan.side, rank))
+      for s in projection.projector_shapes(plan.canon_shape, plan.side, rank):
         projectors += math.prod(s) * proj_itemsize
     else:
       moments += moment_bytes(shape)

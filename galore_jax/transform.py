@@ -12,7 +12,7 @@ References:
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import _projector, _subspace
+from galore_jax import _subspace, projection
+from galore_jax.adam import scale_by_transformers_adam
+from galore_jax.masks import resolve_tree
+from galore_jax.projection import GaLoreDimensionNumbers
 
 _NO_PARAMS_HINT = (
   "galore: the inner optimizer asked for `params`, but it runs on low-rank projected gradients "
@@ -28,22 +31,6 @@ _NO_PARAMS_HINT = (
   "transforms (e.g. weight decay) outside GaLore: "
   "optax.chain(gj.galore(inner, ...), optax.add_decayed_weights(...), ...)."
 )
-
-
-class GaLoreDimensionNumbers(NamedTuple):
-  """Which axes of a weight form the matrix that GaLore projects.
-
-  Attributes:
-    reduction_axis: the input (contracted) axis or axes; `0` for a Flax `(in, out)` kernel.
-    output_axis: the output axis or axes; `1` for a Flax kernel.
-
-  Every other axis is a batch axis: a stacked `[N, in, out]` weight (from `nnx.scan`) is N
-  independent matrices, each with its own subspace. The default, used when no numbers are given
-  for a leaf with ndim >= 2, is `reduction_axis=-2, output_axis=-1`.
-  """
-
-  reduction_axis: int | tuple[int, ...] = -2
-  output_axis: int | tuple[int, ...] = -1
 
 
 class GaLoreState(NamedTuple):
@@ -62,65 +49,14 @@ class GaLoreState(NamedTuple):
   inner_state: optax.OptState
 
 
-class _Plan(NamedTuple):
-  """Static per-leaf layout: how to view a leaf as `[batch..., I, O]` and which side to reduce."""
-
-  perm: tuple[int, ...]  # transpose into (batch..., reduction..., output...)
-  split_shape: tuple[int, ...]  # shape after the transpose
-  canon_shape: tuple[int, ...]  # (batch..., I, O)
-  side: str
-
-
-def _axes(spec: int | tuple[int, ...], ndim: int, shape, name: str) -> tuple[int, ...]:
-  axes = (spec,) if isinstance(spec, int) else tuple(spec)
-  if not axes or not all(isinstance(a, int) for a in axes):
-    raise ValueError(
-      f"GaLoreDimensionNumbers.{name} must be an int or tuple of ints, got {spec!r}."
-    )
-  out = []
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(f"GaLoreDimensionNumbers.{name}={spec!r} is out of range for shape {shape}.")
-    out.append(a % ndim)
-  return tuple(out)
-
-
-def _make_plan(shape: tuple[int, ...], dn: GaLoreDimensionNumbers, proj_type: str) -> _Plan:
-  ndim = len(shape)
-  red = _axes(dn.reduction_axis, ndim, shape, "reduction_axis")
-  outs = _axes(dn.output_axis, ndim, shape, "output_axis")
-  if len(set(red + outs)) != len(red) + len(outs):
-    raise ValueError(f"GaLore dimension numbers {dn} repeat an axis for shape {shape}.")
-  batch = tuple(a for a in range(ndim) if a not in red + outs)
-  perm = batch + red + outs
-  split_shape = tuple(shape[a] for a in perm)
-  in_dim = math.prod(shape[a] for a in red)
-  out_dim = math.prod(shape[a] for a in outs)
-  canon = tuple(shape[a] for a in batch) + (in_dim, out_dim)
-  return _Plan(perm, split_shape, canon, _projector.side_for(proj_type, in_dim, out_dim))
-
-
-def _to_canonical(x: jax.Array, plan: _Plan) -> jax.Array:
-  return jnp.transpose(x, plan.perm).reshape(plan.canon_shape)
-
-
-def _from_canonical(x: jax.Array, plan: _Plan) -> jax.Array:
-  inv = tuple(sorted(range(len(plan.perm)), key=plan.perm.__getitem__))
-  return x.reshape(plan.split_shape).transpose(inv)
-
-
 def _is_dn(x) -> bool:
   return x is None or isinstance(x, GaLoreDimensionNumbers)
 
 
-def _resolve(tree_or_fn, params):
-  return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
-
-
-def _plans(params, mask, dimension_numbers, proj_type: str):
-  """Per-leaf `_Plan` or None (not projected), from static shapes only."""
-  mask_tree = _resolve(mask, params)
-  dn_tree = _resolve(dimension_numbers, params)
+def _layouts(params, mask, dimension_numbers, proj_type: str):
+  """Per-leaf `MatrixLayout` or None (not projected), from static shapes only."""
+  mask_tree = resolve_tree(mask, params)
+  dn_tree = resolve_tree(dimension_numbers, params)
   if mask_tree is None:
     mask_tree = jax.tree.map(lambda _: True, params)
   if dn_tree is None or isinstance(dn_tree, GaLoreDimensionNumbers):
@@ -133,54 +69,106 @@ def _plans(params, mask, dimension_numbers, proj_type: str):
       if jnp.ndim(p) < 2:
         return None
       dn = GaLoreDimensionNumbers()
-    return _make_plan(tuple(jnp.shape(p)), dn, proj_type)
+    return projection.matrix_layout(tuple(jnp.shape(p)), dn, proj_type)
 
   dn_tree = jax.tree.map(lambda _, d: d, params, dn_tree, is_leaf=_is_dn)
   return jax.tree.map(plan, params, mask_tree, dn_tree, is_leaf=_is_dn)
 
 
 # Accepted values of the string options (public as galore_jax.PROJ_TYPES etc., for config checks).
-PROJ_TYPES = _projector.PROJ_TYPES
+PROJ_TYPES = projection.PROJ_TYPES
 SUBSPACE_METHODS = _subspace.METHODS
 ON_REFRESH = ("keep", "reset", "rotate")
 
 
-def _validate_static(rank, update_proj_gap, proj_type, subspace_method, on_refresh):
-  for name, value in (("rank", rank), ("update_proj_gap", update_proj_gap)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(
-        f"galore: `{name}` must be a positive Python int (it fixes state shapes), got {value!r}. "
-        "Under optax.inject_hyperparams pass it in static_args=('rank', 'update_proj_gap', "
-        "'proj_type', ...)."
-      )
-  if proj_type not in _projector.PROJ_TYPES:
-    raise ValueError(
-      f"galore: proj_type must be one of {_projector.PROJ_TYPES}, got {proj_type!r}."
-    )
-  if subspace_method not in _subspace.METHODS:
-    raise ValueError(
-      f"galore: subspace_method must be one of {_subspace.METHODS}, got {subspace_method!r}."
-    )
-  if on_refresh not in ON_REFRESH:
-    raise ValueError(f"galore: on_refresh must be one of {ON_REFRESH}, got {on_refresh!r}.")
+class GaLoreOptions(NamedTuple):
+  """GaLore's options, with their defaults; documented once, in `scale_by_galore`.
+
+  Every GaLore alias (`galore`, `galore_adamw`, `galore_adamw_8bit`) takes them as keyword
+  arguments and lists them in its signature (so `optax.inject_hyperparams` sees each one); they
+  are validated once, by `validate_options`, when the transform is built.
+  """
+
+  rank: int = 128
+  update_proj_gap: int = 200
+  scale: float = 0.25
+  proj_type: str = "std"
+  mask: Any = None
+  dimension_numbers: Any = None
+  projector_dtype: Any = None
+  subspace_method: str = "svd"
+  oversample: int = 8
+  power_iters: int = 1
+  seed: int = 0
+  on_refresh: str = "keep"
+  align_signs: bool = False
 
 
+def _positive_int(name: str, value) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(
+      f"galore: `{name}` must be a positive Python int (it fixes state shapes), got {value!r}. "
+      "Under optax.inject_hyperparams pass it in static_args=('rank', 'update_proj_gap', "
+      "'proj_type', ...)."
+    )
+
+
+def validate_options(options: GaLoreOptions) -> GaLoreOptions:
+  """Clear errors for option values the transform cannot honour; returns `options`."""
+  _positive_int("rank", options.rank)
+  _positive_int("update_proj_gap", options.update_proj_gap)
+  choices = (
+    ("proj_type", PROJ_TYPES),
+    ("subspace_method", SUBSPACE_METHODS),
+    ("on_refresh", ON_REFRESH),
+  )
+  for name, allowed in choices:
+    if getattr(options, name) not in allowed:
+      raise ValueError(f"galore: {name} must be one of {allowed}, got {getattr(options, name)!r}.")
+  if not isinstance(options.align_signs, bool):
+    raise ValueError(f"galore: align_signs must be a bool, got {options.align_signs!r}.")
+  return options
+
+
+def make_options(**kwargs) -> GaLoreOptions:
+  """`GaLoreOptions` from keyword arguments, validated; unknown names are a clear error."""
+  unknown = sorted(set(kwargs) - set(GaLoreOptions._fields))
+  if unknown:
+    raise TypeError(
+      f"galore: unknown option(s) {unknown}; GaLore's options are {list(GaLoreOptions._fields)}."
+    )
+  return validate_options(GaLoreOptions(**kwargs))
+
+
+def with_galore_options(fn: Callable) -> Callable:
+  """Gives `fn(..., **options)` a signature that lists GaLore's options as keyword arguments.
+
+  `inspect.signature` (which `optax.inject_hyperparams` binds arguments with) then sees each
+  option by name, with its default, so injected and static options work as with explicit ones.
+  """
+  sig = inspect.signature(fn)
+  own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+  names = {p.name for p in own}
+  extra = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+    for name, default in GaLoreOptions._field_defaults.items()
+    if name not in names
+  ]
+  fn.__signature__ = sig.replace(parameters=own + extra)
+  return fn
+
+
+_DEFAULTS = GaLoreOptions()
+
+
+@with_galore_options
 def scale_by_galore(
   inner: optax.GradientTransformation | None = None,
-  rank: int = 128,
-  update_proj_gap: int = 200,
-  scale: float = 0.25,
-  proj_type: str = "std",
-  *,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-  dimension_numbers: Any = None,
-  projector_dtype: Any = None,
-  subspace_method: str = "svd",
-  oversample: int = 8,
-  power_iters: int = 1,
-  seed: int = 0,
-  on_refresh: str = "keep",
-  align_signs: bool = False,
+  rank: int = _DEFAULTS.rank,
+  update_proj_gap: int = _DEFAULTS.update_proj_gap,
+  scale: float = _DEFAULTS.scale,
+  proj_type: str = _DEFAULTS.proj_type,
+  **options,
 ) -> optax.GradientTransformation:
   r"""GaLore: runs `inner` on gradients projected onto a refreshed rank-`rank` subspace.
 
@@ -232,6 +220,8 @@ def scale_by_galore(
   Returns:
     An `optax.GradientTransformation` with `GaLoreState`.
 
+  All options but `inner` are fields of `GaLoreOptions`; the aliases take the same keywords.
+
   Example:
     >>> import jax.numpy as jnp, optax, galore_jax as gj
     >>> tx = gj.scale_by_galore(optax.scale_by_adam(), rank=2, update_proj_gap=10)
@@ -245,19 +235,20 @@ def scale_by_galore(
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
     https://arxiv.org/abs/2403.03507
   """
-  _validate_static(rank, update_proj_gap, proj_type, subspace_method, on_refresh)
+  o = make_options(
+    rank=rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, **options
+  )
   if inner is None:
     inner = scale_by_transformers_adam()
-  if not isinstance(align_signs, bool):
-    raise ValueError(f"galore: align_signs must be a bool, got {align_signs!r}.")
+  sign = "align" if o.align_signs else "canonical"
   refresh_fn = _subspace.make_refresh_fn(
-    subspace_method, rank, oversample, power_iters, sign="align" if align_signs else "canonical"
+    o.subspace_method, o.rank, o.oversample, o.power_iters, sign=sign
   )
 
   def flat_plans(tree):
-    """Leaves of `tree`, their static plans (None = full rank) and the treedef."""
+    """Leaves of `tree`, their static layouts (None = full rank) and the treedef."""
     leaves, treedef = jax.tree.flatten(tree)
-    plans = treedef.flatten_up_to(_plans(tree, mask, dimension_numbers, proj_type))
+    plans = treedef.flatten_up_to(_layouts(tree, o.mask, o.dimension_numbers, o.proj_type))
     return leaves, plans, treedef
 
   def init_fn(params):
@@ -268,10 +259,10 @@ def scale_by_galore(
         projectors.append(optax.MaskedNode())
         low.append(p)
         continue
-      dtype = projector_dtype or jnp.asarray(p).dtype
-      shapes = _projector.projector_shapes(plan.canon_shape, plan.side, rank)
+      dtype = o.projector_dtype or jnp.asarray(p).dtype
+      shapes = projection.projector_shapes(plan.canon_shape, plan.side, o.rank)
       projectors.append(tuple(jnp.zeros(s, dtype) for s in shapes))
-      low_shape = _projector.low_rank_shape(plan.canon_shape, plan.side, rank)
+      low_shape = projection.low_rank_shape(plan.canon_shape, plan.side, o.rank)
       low.append(jnp.zeros(low_shape, jnp.asarray(p).dtype))
     inner_state = inner.init(treedef.unflatten(low))
     return GaLoreState(jnp.zeros([], jnp.int32), treedef.unflatten(projectors), inner_state)
@@ -280,8 +271,8 @@ def scale_by_galore(
     del params  # never forwarded: the inner optimizer sees low-rank shapes.
     leaves, plans, treedef = flat_plans(updates)
     old = treedef.flatten_up_to(state.projectors)
-    canon = [None if pl is None else _to_canonical(g, pl) for g, pl in zip(leaves, plans)]
-    base_key = jax.random.fold_in(jax.random.key(seed), state.count)
+    canon = [None if pl is None else projection.to_matrix(g, pl) for g, pl in zip(leaves, plans)]
+    base_key = jax.random.fold_in(jax.random.key(o.seed), state.count)
 
     def refresh(canon, old):
       todo = [i for i, pl in enumerate(plans) if pl is not None]
@@ -293,20 +284,20 @@ def scale_by_galore(
 
     # One real conditional for the whole tree, outside any vmap, so non-refresh steps never run
     # a factorisation (a batched predicate would turn `cond` into `select` and run both).
-    do_refresh = state.count % update_proj_gap == 0
+    do_refresh = state.count % o.update_proj_gap == 0
     projs = jax.lax.cond(do_refresh, refresh, lambda c, o: list(o), canon, old)
 
     inner_state = state.inner_state
-    if on_refresh != "keep":
+    if o.on_refresh != "keep":
       inner_state = jax.lax.cond(
         do_refresh & (state.count > 0),
-        lambda s: _refresh_moments(s, treedef, plans, projs, old, on_refresh),
+        lambda s: _refresh_moments(s, treedef, plans, projs, old, o.on_refresh),
         lambda s: s,
         inner_state,
       )
 
     low = [
-      g if pl is None else _projector.project(c, p, pl.side)
+      g if pl is None else projection.project(c, p, pl.side)
       for g, c, pl, p in zip(leaves, canon, plans, projs)
     ]
     try:
@@ -321,8 +312,8 @@ def scale_by_galore(
       if pl is None:
         out.append(n.astype(g.dtype))
       else:
-        full = _projector.project_back(n, p, pl.side) * scale
-        out.append(_from_canonical(full, pl).astype(g.dtype))
+        full = projection.project_back(n, p, pl.side) * o.scale
+        out.append(projection.from_matrix(full, pl).astype(g.dtype))
     new_state = GaLoreState(
       optax.safe_increment(state.count), treedef.unflatten(projs), inner_state
     )
@@ -341,7 +332,7 @@ def rotate_moments(mu_or_nu, rotations, side: str, second_moment: bool):
   (e.g. sign flips or reordered singular vectors) and otherwise mixes old variances with the
   weights `Q_rs²` whose rows sum to at most 1.
   """
-  return _projector.rotate_low_rank(mu_or_nu, rotations, side, power=2 if second_moment else 1)
+  return projection.rotate_low_rank(mu_or_nu, rotations, side, power=2 if second_moment else 1)
 
 
 def _refresh_moments(inner_state, treedef, plans, new_projs, old_projs, on_refresh):
@@ -364,7 +355,7 @@ def _refresh_moments(inner_state, treedef, plans, new_projs, old_projs, on_refre
       elif on_refresh == "reset":
         out.append(jnp.zeros_like(x))
       else:
-        rot = _projector.basis_change(pn, po)
+        rot = projection.basis_change(pn, po)
         out.append(rotate_moments(x, rot, pl.side, second_moment=field == "nu"))
     return treedef.unflatten(out)
 
@@ -384,269 +375,3 @@ def _refresh_moments(inner_state, treedef, plans, new_projs, old_projs, on_refre
       f"(Adam-like); {type(inner_state).__name__} has none. Use on_refresh='keep'."
     )
   return out
-
-
-def _one_minus_pow(beta, t: jax.Array) -> jax.Array:
-  """`1 - beta**t` without float32 cancellation: `-expm1(t log(beta))`, `log` in float64 when
-  `beta` is a Python number (`1 - 0.999**1` in float32 is off by 1.3e-5 relative; the reference
-  computes it in double precision)."""
-  t = t.astype(jnp.float32)
-  if isinstance(beta, (int, float)):
-    return -jnp.expm1(t * math.log(beta)) if beta > 0 else jnp.ones_like(t)
-  return -jnp.expm1(t * jnp.log(jnp.asarray(beta, jnp.float32)))
-
-
-class ScaleByTransformersAdamState(NamedTuple):
-  """State of `scale_by_transformers_adam`."""
-
-  count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-
-
-def scale_by_transformers_adam(
-  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, mu_dtype: Any = None
-) -> optax.GradientTransformation:
-  r"""Adam as in transformers' legacy `AdamW` (the optimizer `galore_torch.GaLoreAdamW` forks).
-
-  .. math::
-    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
-    u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,\frac{m_t}{\sqrt{v_t} + \epsilon}
-
-  `ε` is added to the square root of the *uncorrected* second moment, so it acts like
-  `ε / sqrt(1-β₂ᵗ)` in `optax.scale_by_adam`'s placement. Moments are kept in the gradient's dtype
-  (bf16 in the paper's pure-bf16 runs) unless `mu_dtype` is given for the first moment.
-
-  Args:
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: added to `sqrt(v)`; the reference's default is 1e-6.
-    mu_dtype: optional dtype of the first moment.
-
-  Returns:
-    An `optax.GradientTransformation` (no learning rate; chain `optax.scale_by_learning_rate`).
-
-  References:
-    Loshchilov & Hutter, "Decoupled Weight Decay Regularization", https://arxiv.org/abs/1711.05101
-  """
-
-  def init_fn(params):
-    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or jnp.asarray(p).dtype), params)
-    nu = jax.tree.map(jnp.zeros_like, params)
-    return ScaleByTransformersAdamState(jnp.zeros([], jnp.int32), mu, nu)
-
-  def update_fn(updates, state, params=None):
-    del params
-    mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
-    nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), state.nu, updates)
-    count = optax.safe_increment(state.count)
-    step = jnp.sqrt(_one_minus_pow(b2, count)) / _one_minus_pow(b1, count)
-    new = jax.tree.map(
-      lambda m, v, g: (step * m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu, updates
-    )
-    return new, ScaleByTransformersAdamState(count, mu, nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def add_decayed_weights_after_update(
-  weight_decay: float = 0.0,
-  learning_rate: optax.ScalarOrSchedule = 1.0,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-) -> optax.GradientTransformation:
-  """Decoupled weight decay applied *after* the update, as `GaLoreAdamW` does.
-
-  The reference runs `p <- p + u` then `p <- p - lr * wd * p`. As one update that is
-  `u - lr * wd * (p + u)`. Place it last in a chain, after the learning rate was applied.
-
-  Args:
-    weight_decay: decay coefficient `wd`.
-    learning_rate: the (unscaled) learning rate or schedule, evaluated at the same step count as
-      `optax.scale_by_learning_rate` in the same chain.
-    mask: optional pytree/callable of bools: which leaves decay (default: all).
-
-  Returns:
-    An `optax.GradientTransformation` that needs `params`.
-  """
-
-  def init_fn(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("add_decayed_weights_after_update needs `params` in update().")
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    mask_tree = _resolve(mask, params)
-    if mask_tree is None:
-      mask_tree = jax.tree.map(lambda _: True, params)
-
-    def decay(u, p, m):
-      if not m:
-        return u
-      return (u - lr * weight_decay * (p + u)).astype(u.dtype)
-
-    new = jax.tree.map(decay, updates, params, mask_tree)
-    return new, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def galore(
-  inner: optax.GradientTransformation,
-  rank: int = 128,
-  update_proj_gap: int = 200,
-  scale: float = 0.25,
-  proj_type: str = "std",
-  *,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-  dimension_numbers: Any = None,
-  projector_dtype: Any = None,
-  subspace_method: str = "svd",
-  oversample: int = 8,
-  power_iters: int = 1,
-  seed: int = 0,
-  on_refresh: str = "keep",
-  align_signs: bool = False,
-) -> optax.GradientTransformation:
-  """Wraps any optax optimizer so that it runs in GaLore's low-rank space.
-
-  Use this instead of `optax.chain(galore(...), adam(...))`: in a chain, `adam` would be
-  initialised on the full-size params and would receive the already projected-back updates.
-  Here `inner` is initialised on the low-rank shapes and runs on the projected gradients.
-
-  Args:
-    inner: any optax optimizer, e.g. `optax.adam(1e-3)` or `optax.adafactor(1e-2)`; it must not
-      need `params` (chain weight decay after `galore` instead).
-    rank: subspace rank.
-    update_proj_gap: refresh period in steps.
-    scale: multiplies the projected-back update of targeted leaves.
-    proj_type: see `scale_by_galore`.
-    mask: which leaves are projected; see `scale_by_galore`.
-    dimension_numbers, projector_dtype, subspace_method, oversample, power_iters, seed,
-      on_refresh, align_signs: see `scale_by_galore`.
-
-  Returns:
-    An `optax.GradientTransformation`.
-
-  Example:
-    >>> import optax, galore_jax as gj
-    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
-    ...                  gj.galore(optax.adam(1e-3), rank=128, update_proj_gap=200, scale=0.25))
-
-  References:
-    Zhao et al., https://arxiv.org/abs/2403.03507
-  """
-  return scale_by_galore(
-    inner,
-    rank,
-    update_proj_gap,
-    scale,
-    proj_type,
-    mask=mask,
-    dimension_numbers=dimension_numbers,
-    projector_dtype=projector_dtype,
-    subspace_method=subspace_method,
-    oversample=oversample,
-    power_iters=power_iters,
-    seed=seed,
-    on_refresh=on_refresh,
-    align_signs=align_signs,
-  )
-
-
-def galore_adamw(
-  learning_rate: optax.ScalarOrSchedule,
-  rank: int = 128,
-  update_proj_gap: int = 200,
-  scale: float = 0.25,
-  proj_type: str = "std",
-  b1: float = 0.9,
-  b2: float = 0.999,
-  eps: float = 1e-6,
-  weight_decay: float = 0.0,
-  mask: Any | Callable[[optax.Params], Any] | None = None,
-  *,
-  dimension_numbers: Any = None,
-  projector_dtype: Any = None,
-  subspace_method: str = "svd",
-  oversample: int = 8,
-  power_iters: int = 1,
-  seed: int = 0,
-  on_refresh: str = "keep",
-  align_signs: bool = False,
-) -> optax.GradientTransformation:
-  """`galore_torch.GaLoreAdamW`, exactly.
-
-  Transformers-style Adam (`scale_by_transformers_adam`: eps on `sqrt` of the uncorrected second
-  moment, bias correction folded into the step size) on the low-rank gradients of the masked
-  leaves and at full rank on the others; `scale` only on projected leaves; decoupled weight decay
-  `lr * wd * p` on every leaf, applied after the update; moments kept across refreshes.
-
-  Args:
-    learning_rate: learning rate or schedule.
-    rank: subspace rank.
-    update_proj_gap: refresh period in steps.
-    scale: GaLore's `α`.
-    proj_type: see `scale_by_galore`.
-    b1: first-moment decay.
-    b2: second-moment decay.
-    eps: added to `sqrt(v)` (reference default 1e-6).
-    weight_decay: decoupled decay coefficient.
-    mask: which leaves are projected (see `scale_by_galore`); `galore_jax.llama_galore_mask`
-      reproduces the paper's attention + MLP selection.
-    dimension_numbers, projector_dtype, subspace_method, oversample, power_iters, seed,
-      on_refresh, align_signs: see `scale_by_galore`.
-
-  Under `optax.inject_hyperparams`, declare the shape-fixing arguments static:
-  `static_args=("rank", "update_proj_gap", "proj_type", "mask")`.
-
-  Returns:
-    An `optax.GradientTransformation`.
-
-  Example:
-    >>> import galore_jax as gj
-    >>> tx = gj.galore_adamw(1e-2, rank=128, update_proj_gap=200, scale=0.25,
-    ...                      mask=gj.llama_galore_mask)
-
-  References:
-    Zhao et al., https://arxiv.org/abs/2403.03507
-  """
-  return optax.chain(
-    scale_by_galore(
-      scale_by_transformers_adam(b1, b2, eps),
-      rank,
-      update_proj_gap,
-      scale,
-      proj_type,
-      mask=mask,
-      dimension_numbers=dimension_numbers,
-      projector_dtype=projector_dtype,
-      subspace_method=subspace_method,
-      oversample=oversample,
-      power_iters=power_iters,
-      seed=seed,
-      on_refresh=on_refresh,
-      align_signs=align_signs,
-    ),
-    optax.scale_by_learning_rate(learning_rate),
-    add_decayed_weights_after_update(weight_decay, learning_rate),
-  )
-
-
-def galore_mask_by_path(params: optax.Params, patterns: tuple[str, ...] = ("attn", "mlp")) -> Any:
-  """True for leaves with ndim >= 2 whose `/`-joined key path contains any of `patterns`.
-
-  This is the reference's rule (`"attn" in name or "mlp" in name` over module names).
-  """
-
-  def keep(path, leaf):
-    name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-    return jnp.ndim(leaf) >= 2 and any(pat in name for pat in patterns)
-
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def llama_galore_mask(params: optax.Params) -> Any:
-  """The paper's targets: attention and MLP kernels of the LLaMA (paths containing attn/mlp)."""
-  return galore_mask_by_path(params, ("attn", "mlp"))

@@ -13,13 +13,13 @@ import optax
 import pytest
 from flax import nnx
 
-from galore_jax import llama_galore_mask
-from galore_jax.adam8bit import (
+from galore_jax import (
   QuantizedMoment,
   ScaleByAdam8bitState,
   adam8bit_state_bytes,
   adamw_8bit,
   galore_adamw_8bit,
+  llama_galore_mask,
   llama_vocab_mask,
   scale_by_adam_8bit,
 )

@@ -33,8 +33,8 @@ def _optimizer(name: str) -> optax.GradientTransformation:
   return {
     "galore_adamw": lambda: gj.galore_adamw(1e-2, weight_decay=0.1, **galore),
     "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
-    "galore_adamw_8bit": lambda: adam8bit.galore_adamw_8bit(1e-2, weight_decay=0.1, **galore, **q8),
-    "adamw_8bit": lambda: adam8bit.adamw_8bit(1e-2, weight_decay=0.1, **q8),
+    "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-2, weight_decay=0.1, **galore, **q8),
+    "adamw_8bit": lambda: gj.adamw_8bit(1e-2, weight_decay=0.1, **q8),
   }[name]()
 
 

@@ -53,8 +53,8 @@ def _optimizers(rank=RANK, proj_type="std"):
   return {
     "adamw": optax.adamw(1e-3),
     "galore_adamw": gj.galore_adamw(1e-3, rank=rank, proj_type=proj_type, mask=_mask),
-    "adamw_8bit": adam8bit.adamw_8bit(1e-3, min_8bit_size=64),
-    "galore_adamw_8bit": adam8bit.galore_adamw_8bit(
+    "adamw_8bit": gj.adamw_8bit(1e-3, min_8bit_size=64),
+    "galore_adamw_8bit": gj.galore_adamw_8bit(
       1e-3, rank=rank, proj_type=proj_type, mask=_mask, min_8bit_size=64
     ),
     "optax.contrib.galore": optax.contrib.galore(1e-3, rank=rank),
@@ -95,7 +95,7 @@ def test_galore_split_matches_the_formula(dtype):
 
 def test_eight_bit_codes_and_scales_count_as_moments():
   params = {"attn/w": jax.ShapeDtypeStruct((64, 128), jnp.float32)}
-  got = state_bytes(adam8bit.adamw_8bit(1e-3), params)
+  got = state_bytes(gj.adamw_8bit(1e-3), params)
   blocks = 64 * 128 // adam8bit.DEFAULT_BLOCK_SIZE  # 32 blocks of 256: codes uint8 + f32 absmax
   assert got.moments == 2 * (blocks * adam8bit.DEFAULT_BLOCK_SIZE + 4 * blocks)
   assert got.projectors == 0 and got.other == 8
@@ -122,8 +122,8 @@ def _alias(name, rank, proj_type):
   return {
     "adamw": lambda: optax.adamw(1e-3),
     "galore_adamw": lambda: gj.galore_adamw(1e-3, **kw),
-    "adamw_8bit": lambda: adam8bit.adamw_8bit(1e-3),
-    "galore_adamw_8bit": lambda: adam8bit.galore_adamw_8bit(1e-3, **kw),
+    "adamw_8bit": lambda: gj.adamw_8bit(1e-3),
+    "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-3, **kw),
   }[name]()
 
 

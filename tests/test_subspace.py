@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import galore_jax as gj
-from galore_jax import _projector, _subspace
+from galore_jax import _subspace, projection
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -65,7 +65,7 @@ def _exact(g, r):
 
 
 def _zeros(g, side, rank):
-  return tuple(jnp.zeros(s) for s in _projector.projector_shapes(g.shape, side, rank))
+  return tuple(jnp.zeros(s) for s in projection.projector_shapes(g.shape, side, rank))
 
 
 @hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
@@ -75,7 +75,7 @@ def _zeros(g, side, rank):
   rank=st.integers(1, 22),
   oversample=st.integers(0, 6),
   power_iters=st.integers(1, 2),
-  side=st.sampled_from(_projector.SIDES),
+  side=st.sampled_from(projection.SIDES),
   warm=st.booleans(),
 )
 def test_randomized_bases_are_orthonormal_with_batch_shapes(
@@ -90,7 +90,7 @@ def test_randomized_bases_are_orthonormal_with_batch_shapes(
       for p in prev
     )
   out = _refresh("randomized", rank, oversample, power_iters)(g, prev, side, jax.random.key(2))
-  expected = _projector.projector_shapes(g.shape, side, rank)
+  expected = projection.projector_shapes(g.shape, side, rank)
   assert [b.shape for b in out] == list(expected)
   for b in out:
     assert b.dtype == jnp.float32

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import galore_jax as gj
-from galore_jax import _projector, _subspace
+from galore_jax import _subspace, projection
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -55,19 +55,19 @@ def test_state_shapes_match_paper_memory_formulas():
 
 def test_std_side_rule_matches_reference_layout():
   # Flax (in, out): torch weight is (out, in). std reduces the input axis when out >= in.
-  assert _projector.side_for("std", in_dim=16, out_dim=24) == "in"
-  assert _projector.side_for("std", in_dim=24, out_dim=10) == "out"
-  assert _projector.side_for("std", in_dim=12, out_dim=12) == "in"  # square: reduce input
-  assert _projector.side_for("reverse_std", in_dim=12, out_dim=12) == "out"
-  assert _projector.side_for("right", in_dim=3, out_dim=99) == "in"
-  assert _projector.side_for("left", in_dim=99, out_dim=3) == "out"
+  assert projection.side_for("std", in_dim=16, out_dim=24) == "in"
+  assert projection.side_for("std", in_dim=24, out_dim=10) == "out"
+  assert projection.side_for("std", in_dim=12, out_dim=12) == "in"  # square: reduce input
+  assert projection.side_for("reverse_std", in_dim=12, out_dim=12) == "out"
+  assert projection.side_for("right", in_dim=3, out_dim=99) == "in"
+  assert projection.side_for("left", in_dim=99, out_dim=3) == "out"
 
 
 def test_rank_at_or_above_min_dim_with_identity_inner_reproduces_gradient():
   """Paper Sec. 3.3: with r = min(m, n) and rho = identity, back(proj(G)) == G."""
   params = {"w": jnp.zeros((8, 5))}
   g = {"w": jax.random.normal(jax.random.key(1), (8, 5))}
-  for proj_type in _projector.PROJ_TYPES:
+  for proj_type in projection.PROJ_TYPES:
     tx = gj.galore(optax.identity(), rank=99, scale=1.0, proj_type=proj_type)
     u, _ = tx.update(g, tx.init(params))
     np.testing.assert_allclose(u["w"], g["w"], atol=1e-5)
@@ -136,7 +136,7 @@ def _refresh_temp_bytes(shapes, dtype=jnp.bfloat16):
   refresh = _subspace.make_refresh_fn("svd", 8, 8, 1)
   gs = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
   prevs = [
-    tuple(jax.ShapeDtypeStruct(p, dtype) for p in _projector.projector_shapes(s, "in", 8))
+    tuple(jax.ShapeDtypeStruct(p, dtype) for p in projection.projector_shapes(s, "in", 8))
     for s in shapes
   ]
 
@@ -328,8 +328,8 @@ def test_matches_optax_contrib_galore_when_configured_as_the_same_algorithm(monk
 
   def canonical_svd(a, full_matrices=True, compute_uv=True, **kw):
     u, s, vh = original_svd(a, full_matrices=full_matrices, compute_uv=compute_uv, **kw)
-    u = _projector.canonical_sign(u)
-    vh = jnp.swapaxes(_projector.canonical_sign(jnp.swapaxes(vh, -1, -2)), -1, -2)
+    u = projection.canonical_sign(u)
+    vh = jnp.swapaxes(projection.canonical_sign(jnp.swapaxes(vh, -1, -2)), -1, -2)
     return u, s, vh
 
   monkeypatch.setattr(jnp.linalg, "svd", canonical_svd)
@@ -352,17 +352,17 @@ def test_matches_optax_contrib_galore_when_configured_as_the_same_algorithm(monk
 @hypothesis.given(
   shape=st.tuples(st.integers(2, 12), st.integers(2, 12)),
   rank=st.integers(1, 14),
-  proj_type=st.sampled_from(_projector.PROJ_TYPES),
+  proj_type=st.sampled_from(projection.PROJ_TYPES),
 )
 def test_projection_is_orthogonal_and_idempotent(shape, rank, proj_type):
   """P has orthonormal columns; back(proj(G)) is an orthogonal projection of G."""
   g = jax.random.normal(jax.random.key(sum(shape) + rank), shape)
-  side = _projector.side_for(proj_type, *shape)
-  ps = _projector.svd_projectors(g, side, rank)
+  side = projection.side_for(proj_type, *shape)
+  ps = projection.svd_projectors(g, side, rank)
   for p in ps:
     np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
-  once = _projector.project_back(_projector.project(g, ps, side), ps, side)
-  twice = _projector.project_back(_projector.project(once, ps, side), ps, side)
+  once = projection.project_back(projection.project(g, ps, side), ps, side)
+  twice = projection.project_back(projection.project(once, ps, side), ps, side)
   np.testing.assert_allclose(twice, once, atol=1e-5)
   # At a refresh the captured part is the best rank-r approximation on that side.
   assert float(jnp.linalg.norm(once)) <= float(jnp.linalg.norm(g)) * (1 + 1e-6)

@@ -110,13 +110,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def _make_8bit(o: ml_collections.ConfigDict, lr: optax.Schedule):
-  from galore_jax import adam8bit  # noqa: PLC0415 (optional module)
-
   kw = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  kw["float32_mask"] = adam8bit.llama_vocab_mask if o.float32_vocab_moments else None
+  kw["float32_mask"] = gj.llama_vocab_mask if o.float32_vocab_moments else None
   if o.name == "adamw_8bit":
-    return adam8bit.adamw_8bit(lr, **kw)
-  return adam8bit.galore_adamw_8bit(lr, **kw, **_galore_options(o))
+    return gj.adamw_8bit(lr, **kw)
+  return gj.galore_adamw_8bit(lr, **kw, **_galore_options(o))
 
 
 def _number(value: Any) -> bool:

@@ -1,0 +1,46 @@
+"""Path-based masks: which leaves GaLore projects, which keep float32 8-bit states."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def resolve_tree(tree_or_fn, params):
+  """`tree_or_fn(params)` for a callable (a mask or dimension-number function), else itself."""
+  return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+
+
+def path_names(path) -> tuple:
+  """The names along a `jax.tree_util` key path: dict keys, attribute names, sequence indices."""
+  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def galore_mask_by_path(params: optax.Params, patterns: tuple[str, ...] = ("attn", "mlp")) -> Any:
+  """True for leaves with ndim >= 2 whose `/`-joined key path contains any of `patterns`.
+
+  This is the reference's rule (`"attn" in name or "mlp" in name` over module names).
+  """
+
+  def keep(path, leaf):
+    name = "/".join(map(str, path_names(path)))
+    return jnp.ndim(leaf) >= 2 and any(pat in name for pat in patterns)
+
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def llama_galore_mask(params: optax.Params) -> Any:
+  """The paper's targets: attention and MLP kernels of the LLaMA (paths containing attn/mlp)."""
+  return galore_mask_by_path(params, ("attn", "mlp"))
+
+
+def llama_vocab_mask(params: optax.Params) -> Any:
+  """True for the vocabulary-sized leaves of the LLaMA (token embedding and output head).
+
+  For `float32_mask`: bitsandbytes advises 32-bit optimizer states for embeddings (its
+  `StableEmbedding`), whose rows of tokens absent from a batch get zero gradients.
+  """
+  return galore_mask_by_path(params, ("embed", "lm_head"))
