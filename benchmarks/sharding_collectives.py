@@ -8,7 +8,7 @@ lowered from `jax.ShapeDtypeStruct`s and compiled. Nothing is allocated, so 7B c
 * State bytes per device: exact, from each leaf's shard shape (`sharding.shard_bytes`).
 * Temp per device: XLA's scratch for the whole step (`memory_analysis().temp_size_in_bytes`),
   which holds the refresh's workspace (for the exact SVD: the gathered float32 gradients).
-* Collectives: parsed from the optimized HLO (`sharding.hlo_collectives`). "Bytes" of one
+* Collectives: parsed from the optimized HLO (`hlo.hlo_collectives`). "Bytes" of one
   collective is the size of the whole array it works on (an all-gather's result, the others'
   operand); each device sends about 7/8 of that (twice for a ring all-reduce). Loops with a known
   trip count (the scan over layers) multiply; GaLore's refresh is the true branch of one
@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from train import sharding, trainer  # noqa: E402
+from train import hlo, sharding, trainer  # noqa: E402
 
 GB = 1e9
 MARKER = "<!-- Tables below: written by benchmarks/sharding_collectives.py -->"
@@ -107,15 +107,15 @@ def collective_row(size: str, optimizer: str, method: str, shard_projectors: boo
   t0 = time.perf_counter()
   compiled = step.lower(abstract, {"tokens": tokens}).compile()
   seconds = time.perf_counter() - t0
-  colls = sharding.hlo_collectives(compiled.as_text())
+  colls = hlo.hlo_collectives(compiled.as_text())
   refresh = [c for c in colls if c.branch == 1]
   by_op = collections.Counter()
   for c in colls:
     if c.branch != 1:
       by_op[c.op] += c.bytes * c.count
   return {
-    "step": sharding.collective_bytes(colls) + sharding.collective_bytes(colls, 0),
-    "refresh": sharding.collective_bytes(colls, 1),
+    "step": hlo.collective_bytes(colls) + hlo.collective_bytes(colls, 0),
+    "refresh": hlo.collective_bytes(colls, 1),
     "largest_refresh": max(refresh, key=lambda c: c.bytes, default=None),
     "largest_step": max((c for c in colls if c.branch != 1), key=lambda c: c.bytes, default=None),
     "by_op": dict(by_op),

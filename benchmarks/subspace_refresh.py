@@ -190,7 +190,7 @@ def collect_gradients(
     if t in save_at:
       for kp, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
         if llama.is_galore_target(kp):
-          saved[f"{t}:{'/'.join(map(str, llama._key_names(kp)))}"] = np.asarray(leaf)
+          saved[f"{t}:{'/'.join(map(str, llama.param_names(kp)))}"] = np.asarray(leaf)
     if t % 10 == 0:
       print(f"  step {t} loss {float(loss):.3f}", flush=True)
   np.savez(path, **saved)

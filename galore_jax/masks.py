@@ -15,8 +15,13 @@ def resolve_tree(tree_or_fn, params):
 
 
 def path_names(path) -> tuple:
-  """The names along a `jax.tree_util` key path: dict keys, attribute names, sequence indices."""
-  return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+  """The names along a `jax.tree_util` key path (or an nnx path): keys, attributes, indices.
+
+  A trailing `"value"` (the field of an `nnx.Variable`) is dropped, so a tree of Variables and
+  the tree of their arrays name each leaf alike.
+  """
+  names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+  return names[:-1] if names and names[-1] == "value" else names
 
 
 def galore_mask_by_path(params: optax.Params, patterns: tuple[str, ...] = ("attn", "mlp")) -> Any:

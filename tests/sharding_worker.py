@@ -38,7 +38,7 @@ if MODE == "multihost":
 
 import galore_jax as gj  # noqa: E402
 from configs import default  # noqa: E402
-from train import checkpoint, data, sharding, trainer  # noqa: E402
+from train import checkpoint, data, hlo, sharding, trainer  # noqa: E402
 
 MESHES = ((1, 1), (8, 1), (2, 4), (1, 8))
 STEPS = 4  # update_proj_gap=2: refreshes at counts 0 (cold start) and 2 (warm start)
@@ -147,7 +147,7 @@ def check_collectives(data_dir: str) -> dict:
   for method in ("randomized", "svd"):
     config = tiny_config(data_dir, "galore_adamw", method)
     setup, _, compiled = compiled_step(config, (1, 8))
-    colls = sharding.hlo_collectives(compiled.as_text())
+    colls = hlo.hlo_collectives(compiled.as_text())
     abstract = jax.eval_shape(lambda s=setup: trainer.init_state(s, 0))
     mask = gj.llama_galore_mask(abstract.params)
     # float32 bytes of one matrix (one layer of a stacked [N, I, O] kernel): the refresh
@@ -162,8 +162,8 @@ def check_collectives(data_dir: str) -> dict:
       "target_matrix_bytes": sorted(set(targets)),
       # The largest single array of each (possibly combined) refresh collective.
       "refresh": [[c.op, c.shape, c.largest] for c in refresh],
-      "refresh_bytes": sharding.collective_bytes(colls, 1),
-      "step_bytes": sharding.collective_bytes(colls) + sharding.collective_bytes(colls, 0),
+      "refresh_bytes": hlo.collective_bytes(colls, 1),
+      "step_bytes": hlo.collective_bytes(colls) + hlo.collective_bytes(colls, 0),
       "refresh_full_gradient_moves": sum(c.largest >= min(targets) for c in refresh),
     }
   return out

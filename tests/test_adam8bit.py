@@ -356,6 +356,7 @@ def test_8bit_vocab_moments_blow_up_rows_of_absent_tokens_without_float32_mask()
   block's maximum, so an embedding entry whose gradient then vanishes (token absent from the
   batch) gets the update `m / eps`. Measured at step 2: the largest embedding update is ~100x the
   float32 twin's (0.30 vs 0.0030); with `float32_mask=llama_vocab_mask` they are equal."""
+
   def max_embed_update(tx):
     return _llama_losses(tx, 3, probe=lambda u: jnp.max(jnp.abs(u["embed"]["embedding"].value)))
 

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from configs import default
-from train import data, sharding, trainer
+from train import data, hlo, sharding, trainer
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 MESHES = ("1x1", "8x1", "2x4", "1x8")
@@ -188,19 +188,19 @@ ENTRY %main (a: f32[2,4], b: bf16[16,16]) -> f32[2,16] {
 
 
 def test_hlo_collectives_counts_loops_and_conditional_branches():
-  colls = sharding.hlo_collectives(_HLO)
+  colls = hlo.hlo_collectives(_HLO)
   by_op = {c.op: c for c in colls}
-  assert by_op["all-gather"] == sharding.Collective("all-gather", "f32[8,4]", 1, 128, 128, 3, None)
-  assert by_op["reduce-scatter"] == sharding.Collective(
+  assert by_op["all-gather"] == hlo.Collective("all-gather", "f32[8,4]", 1, 128, 128, 3, None)
+  assert by_op["reduce-scatter"] == hlo.Collective(
     "reduce-scatter", "bf16[16,16]", 1, 512, 512, 1, None
   )
   assert [c for c in colls if c.op == "all-reduce"] == [
-    sharding.Collective("all-reduce", "f32[2,16]", 1, 128, 128, 1, 1),
-    sharding.Collective("all-reduce", "f32[4,16]", 2, 384, 256, 1, 1),  # combined: a tuple
+    hlo.Collective("all-reduce", "f32[2,16]", 1, 128, 128, 1, 1),
+    hlo.Collective("all-reduce", "f32[4,16]", 2, 384, 256, 1, 1),  # combined: a tuple
   ]
-  assert sharding.collective_bytes(colls) == 3 * 128 + 512
-  assert sharding.collective_bytes(colls, branch=1) == 128 + 384
-  assert sharding.collective_bytes(colls, branch=0) == 0
+  assert hlo.collective_bytes(colls) == 3 * 128 + 512
+  assert hlo.collective_bytes(colls, branch=1) == 128 + 384
+  assert hlo.collective_bytes(colls, branch=0) == 0
 
 
 def test_initialize_distributed_reads_the_environment_without_side_effects():

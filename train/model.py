@@ -30,6 +30,8 @@ import optax
 from flax import nnx
 from jax.typing import DTypeLike
 
+from galore_jax.masks import path_names
+
 # Remat policy names -> jax.checkpoint policies ("none" means no remat at all).
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
   "full": None,  # save only each block's input; recompute the whole block
@@ -243,9 +245,20 @@ class Block(nnx.Module):
     self.post_attention_norm = norm()
     self.mlp = MLP(c, rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
-    h_BxLxD = x_BxLxD + self.attn(self.input_norm(x_BxLxD), cos_LxK, sin_LxK)
+  # The sub-modules of each residual half (the fused step updates each half's weights apart).
+  ATTENTION_HALF = ("input_norm", "attn")
+  MLP_HALF = ("post_attention_norm", "mlp")
+
+  def attention_half(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array):
+    """`h = x + attn(input_norm(x))`."""
+    return x_BxLxD + self.attn(self.input_norm(x_BxLxD), cos_LxK, sin_LxK)
+
+  def mlp_half(self, h_BxLxD: jax.Array) -> jax.Array:
+    """`h + mlp(post_attention_norm(h))`."""
     return h_BxLxD + self.mlp(self.post_attention_norm(h_BxLxD))
+
+  def __call__(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+    return self.mlp_half(self.attention_half(x_BxLxD, cos_LxK, sin_LxK))
 
 
 def _apply_block(block: Block, x_BxLxD: jax.Array, cos_LxK, sin_LxK) -> jax.Array:
@@ -346,10 +359,15 @@ def next_token_loss(
   return loss_sum, jnp.sum(mask_BxL1, dtype=jnp.int32)
 
 
-def _key_names(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
-  """Plain names (str / int) of a jax key path or an nnx path; drops a trailing "value"."""
-  names = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in keypath)
-  return names[:-1] if names and names[-1] == "value" else names
+def param_names(keypath: tuple[Any, ...]) -> tuple[Any, ...]:
+  """The LLaMA's one naming rule for parameter (and optimizer-state) paths.
+
+  Plain names (str / int) of a jax key path or an nnx path, e.g.
+  ``("layers", "attn", "q_proj", "kernel")``; a trailing ``"value"`` (an ``nnx.Variable``'s
+  field) is dropped, so a tree of Variables and a tree of arrays name their leaves alike. Used by
+  the GaLore target rule, the optimizer, the sharding rules and the fused step.
+  """
+  return path_names(keypath)
 
 
 def is_galore_target(path: tuple[Any, ...]) -> bool:
@@ -358,7 +376,7 @@ def is_galore_target(path: tuple[Any, ...]) -> bool:
   The reference's rule (every Linear whose module name contains "attn" or "mlp"). Accepts an
   nnx path (``("layers", 0, "attn", "q_proj", "kernel")``) or a jax key path.
   """
-  names = _key_names(path)
+  names = param_names(path)
   named = [n for n in names if isinstance(n, str)]
   return bool(names) and names[-1] == "kernel" and any("attn" in n or "mlp" in n for n in named)
 

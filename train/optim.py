@@ -11,6 +11,7 @@ import ml_collections
 import optax
 
 import galore_jax as gj
+from train.model import galore_target_mask
 
 OPTIMIZERS = ("galore_adamw", "adamw", "galore", "adamw_8bit", "galore_adamw_8bit")
 INNER_OPTIMIZERS = ("adam", "adafactor")
@@ -49,7 +50,7 @@ def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
     update_proj_gap=o.update_proj_gap,
     scale=o.scale,
     proj_type=o.proj_type,
-    mask=gj.llama_galore_mask,
+    mask=galore_target_mask,
     projector_dtype=jnp.dtype(o.projector_dtype) if o.projector_dtype else None,
     subspace_method=o.subspace_method,
     oversample=o.oversample,
@@ -175,11 +176,14 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
   for field, low in (("update_proj_gap", 1), ("oversample", 0), ("power_iters", 0)):
     if not isinstance(o[field], int) or isinstance(o[field], bool) or o[field] < low:
       fail(field, f"must be an int >= {low}.")
-  mask = gj.llama_galore_mask(params)
+  mask = galore_target_mask(params)
   dims = [min(p.shape[-2:]) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   if not dims:
     fail("name", "uses GaLore but the model has no attn/mlp kernels.")
-  if not isinstance(o.rank, int) or isinstance(o.rank, bool) or not 1 <= o.rank <= min(dims):
+  rank_ok = isinstance(o.rank, int) and not isinstance(o.rank, bool) and o.rank >= 1
+  # galore_jax clips a rank above a matrix's smaller dimension (projection.effective_rank, as
+  # the reference's thin SVD); in a training config that is a mistake, so it is refused here.
+  if not rank_ok or gj.projection.effective_rank(o.rank, min(dims), min(dims)) < o.rank:
     fail(
       "rank",
       f"must be an int in [1, {min(dims)}]: the smallest GaLore-targeted matrix of this model "

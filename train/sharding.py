@@ -38,14 +38,13 @@ each targeted gradient whole (in float32) and runs the same SVD (see
 Example::
 
   mesh = make_mesh(data=2, fsdp=4)
-  specs = param_specs(params, mesh.shape["fsdp"], galore_mask=gj.llama_galore_mask(params))
+  specs = param_specs(params, mesh.shape["fsdp"], galore_mask=galore_target_mask(params))
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -56,21 +55,15 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from galore_jax.adam8bit import QuantizedMoment
+from train.model import galore_target_mask, param_names
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over every device
 FSDP = "fsdp"
 
+
 # proj_type -> which axis of a canonical `[..., I, O]` kernel GaLore keeps (documented in
 # `galore_jax.scale_by_galore`): "std" keeps the larger dim (square: reduces the input, keeps O).
-_KEEPS_OUTPUT = {
-  "std": lambda i, o: o >= i,
-  "reverse_std": lambda i, o: o < i,
-  "right": lambda i, o: True,
-  "left": lambda i, o: False,
-}
-
-
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   """`(data, fsdp)` sizes with one `-1` resolved to "the remaining devices"; named errors."""
   sizes = {"data": data, "fsdp": fsdp}
@@ -147,13 +140,6 @@ def _on_axis(ndim: int, axis: int) -> P:
   return P(*(FSDP if a == axis % ndim else None for a in range(ndim)))
 
 
-def kept_axis(shape: tuple[int, ...], proj_type: str) -> int | None:
-  """The axis of a `[..., I, O]` kernel that GaLore's `proj_type` keeps (None for "full")."""
-  if proj_type not in _KEEPS_OUTPUT:
-    return None
-  return -1 if _KEEPS_OUTPUT[proj_type](shape[-2], shape[-1]) else -2
-
-
 def param_specs(params: Any, fsdp: int, *, galore_mask: Any = None, proj_type: str = "std") -> Any:
   """`PartitionSpec` per parameter for an `fsdp`-way split (see the module docstring).
 
@@ -171,7 +157,7 @@ def param_specs(params: Any, fsdp: int, *, galore_mask: Any = None, proj_type: s
 
   def spec(p, targeted):
     shape = tuple(p.shape)
-    kept = kept_axis(shape, proj_type) if targeted else None
+    kept = gj.projection.kept_axis(shape, proj_type) if targeted else None
     if kept is not None and fsdp > 1:
       for axis in (kept, -3 - kept):  # the kept axis, else the reduced one (-1 <-> -2)
         if shape[axis] % fsdp == 0:
@@ -181,14 +167,10 @@ def param_specs(params: Any, fsdp: int, *, galore_mask: Any = None, proj_type: s
   return jax.tree.map(spec, params, mask)
 
 
-def _path_keys(path) -> tuple[str, ...]:
-  return tuple(jax.tree_util.keystr((k,)) for k in path)
-
-
 def _param_index(params: Any, specs: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], P]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  return {_path_keys(k): (tuple(p.shape), s) for (k, p), s in zip(flat, spec_leaves)}
+  return {param_names(k): (tuple(p.shape), s) for (k, p), s in zip(flat, spec_leaves)}
 
 
 def _find_param(keys: tuple[str, ...], index: Mapping) -> tuple[tuple[int, ...], P] | None:
@@ -216,7 +198,7 @@ def _split_on_reduced_axis(param: tuple[tuple[int, ...], P] | None, proj_type: s
   if param is None:
     return False
   shape, spec = param
-  kept = kept_axis(shape, proj_type)
+  kept = gj.projection.kept_axis(shape, proj_type)
   if kept is None or FSDP not in tuple(spec):
     return False
   reduced = len(shape) - (1 if kept % len(shape) == len(shape) - 2 else 2)
@@ -255,7 +237,7 @@ def state_specs(
   special = lambda x: isinstance(x, (gj.GaLoreState, QuantizedMoment))
 
   def leaf(path, x):
-    found = _find_param(_path_keys(path), index)
+    found = _find_param(param_names(path), index)
     if found is None or not np.ndim(x):
       return P()
     return _like_param(tuple(x.shape), *found, fsdp)
@@ -263,7 +245,7 @@ def state_specs(
   def projector(path, p):
     split = shard_projectors
     if for_update:
-      split = _split_on_reduced_axis(_find_param(_path_keys(path), index), proj_type)
+      split = _split_on_reduced_axis(_find_param(param_names(path), index), proj_type)
     return _projector_spec(tuple(p.shape), fsdp, split)
 
   def node(prefix, path, x):
@@ -387,120 +369,6 @@ def initialize_distributed(mode: str = "auto", environ: Mapping[str, str] | None
   return False
 
 
-# ----------------------------------------------------------------------------------------------
-# Collectives of a compiled program (for tests and benchmarks/sharding_collectives.py).
-
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
-_DTYPE_BYTES.update({"s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8})
-_ARRAY = re.compile(r"\b(pred|[subfc]\d+|bf16|f8\w*)\[([\d,]*)\]")
-_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-class Collective(NamedTuple):
-  """One collective of a compiled HLO module.
-
-  `bytes` is the size of what it works on: the result of an all-gather, the operand of the
-  others (each device sends about `(n-1)/n` of it; a ring all-reduce twice that), summed over
-  the `arrays` of a combined (tuple-shaped) collective; `shape` and `largest` describe the
-  largest of those arrays. `count` is how often it runs per execution (the product of the
-  enclosing known loop trip counts); `branch` is `None` outside conditionals, else the index
-  of the enclosing `conditional`'s branch (for `lax.cond`: 1 = the true function, e.g.
-  GaLore's refresh).
-  """
-
-  op: str
-  shape: str
-  arrays: int
-  bytes: int
-  largest: int
-  count: int
-  branch: int | None
-
-
-def _arrays(text: str) -> list[tuple[int, str]]:
-  """(bytes, "dtype[dims]") of each array shape in an HLO shape or operand list."""
-  out = []
-  for dtype, dims in _ARRAY.findall(text):
-    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-    out.append(
-      (n * _DTYPE_BYTES.get(dtype, int(re.sub(r"\D", "", dtype) or 8) // 8), f"{dtype}[{dims}]")
-    )
-  return out
-
-
-def _operands(rest: str) -> str:
-  depth = 1
-  for i, ch in enumerate(rest):
-    depth += {"(": 1, ")": -1}.get(ch, 0)
-    if depth == 0:
-      return rest[:i]
-  return rest
-
-
-def hlo_collectives(hlo_text: str) -> list[Collective]:
-  """Every collective of an optimized HLO module (`jax.jit(f).lower(...).compile().as_text()`),
-  with its array size and how often it runs (while loops with a known trip count multiply)."""
-  comps: dict[str, list[str]] = {}
-  entry, current = None, None
-  for line in hlo_text.splitlines():
-    m = _HEADER.match(line)
-    if m:
-      current = comps.setdefault(m.group(1), [])
-      entry = m.group(1) if line.startswith("ENTRY") else entry
-    elif current is not None and line.strip() == "}":
-      current = None
-    elif current is not None:
-      current.append(line)
-  out: list[Collective] = []
-
-  def visit(name: str, count: int, branch: int | None, seen: tuple[str, ...]) -> None:
-    for line in comps.get(name, ()):
-      m = _INSTR.match(line)
-      if not m:
-        continue
-      _, shape, op, rest = m.groups()
-      base = op.removesuffix("-start")
-      if base in COLLECTIVES:
-        result, operands = _arrays(shape), _arrays(_operands(rest))
-        side = result if sum(b for b, _ in result) >= sum(b for b, _ in operands) else operands
-        big = max(side, default=(0, ""))
-        total = sum(b for b, _ in side)
-        out.append(Collective(base, big[1], len(side), total, big[0], count, branch))
-      if op == "while":
-        trip = _TRIP.search(line)
-        body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-        n = int(trip.group(1)) if trip else 1
-        if body not in seen:
-          visit(body, count * n, branch, (*seen, body))
-      elif op == "conditional":
-        names = re.search(r"branch_computations=\{([^}]*)\}", line)
-        if names:
-          branches = [b.strip().lstrip("%") for b in names.group(1).split(",")]
-        else:
-          branches = [
-            re.search(rf"{k}_computation=%?([\w.\-]+)", line).group(1) for k in ("false", "true")
-          ]
-        for i, b in enumerate(branches):
-          visit(b, count, i if branch is None else branch, (*seen, b))
-      else:
-        for callee in re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line):
-          if callee not in seen:
-            visit(callee, count, branch, (*seen, callee))
-
-  if entry is not None:
-    visit(entry, 1, None, (entry,))
-  return out
-
-
-def collective_bytes(collectives: list[Collective], branch: int | None = None) -> int:
-  """Total array bytes per execution of the collectives outside conditionals (`branch=None`)
-  or in branch `branch` of them."""
-  return sum(c.bytes * c.count for c in collectives if c.branch == branch)
-
-
 def layout_for_config(config: Any, mesh: Mesh, abstract_state: Any) -> Layout:
   """`make_layout` with the GaLore targets, `proj_type` and knobs of a training config."""
   params = abstract_state.params
@@ -509,7 +377,7 @@ def layout_for_config(config: Any, mesh: Mesh, abstract_state: Any) -> Layout:
     mesh,
     abstract_state,
     params,
-    galore_mask=gj.llama_galore_mask(params) if galore else None,
+    galore_mask=galore_target_mask(params) if galore else None,
     proj_type=config.optimizer.proj_type,
     shard_projectors=config.mesh.get("shard_projectors", True),
   )
