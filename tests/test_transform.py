@@ -1,5 +1,7 @@
 """The optax contract of galore_jax: shapes, dtypes, jit, wrappers, refresh timing, errors."""
 
+import inspect
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -254,6 +256,36 @@ def test_inject_hyperparams_and_schedules():
   np.testing.assert_allclose(
     u["attn"]["kernel"], -sched(3) * 0.01 * p1["attn"]["kernel"], rtol=1e-5
   )
+
+
+def test_every_alias_lists_galores_options_once_defined():
+  fields = set(gj.GaLoreOptions._fields)
+  for alias in (gj.scale_by_galore, gj.galore, gj.galore_adamw, gj.galore_adamw_8bit):
+    params = inspect.signature(alias).parameters
+    assert fields <= set(params), alias.__name__
+    for name in fields:  # the defaults are GaLoreOptions' own
+      assert params[name].default == gj.GaLoreOptions._field_defaults[name], (alias, name)
+  with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\]"):
+    gj.galore_adamw(1e-3, rnak=4)
+
+
+@pytest.mark.parametrize("alias", ["galore_adamw", "galore_adamw_8bit"])
+def test_inject_hyperparams_passes_keyword_options(alias):
+  """Options given by keyword reach the transform under inject_hyperparams (8-bit included)."""
+  params = _params()
+  fn = getattr(gj, alias)
+  static = ("rank", "update_proj_gap", "proj_type", "mask", "oversample", "power_iters", "seed")
+  kw = dict(rank=4, update_proj_gap=2, subspace_method="randomized", power_iters=2, seed=3)
+  injected = optax.inject_hyperparams(fn, static_args=static)(1e-3, **kw)
+  p1, s1 = _run(injected, params, 3)
+  p2, _ = _run(fn(1e-3, **kw), params, 3)
+  # The same arithmetic with the same float32 learning rate, but a constant in one program and a
+  # state value in the other, so XLA may fold or fuse the few products it enters differently:
+  # each of the ~4 roundings of lr-dependent terms per step moves a weight by <= 1 ulp.
+  eps = np.finfo(np.float32).eps
+  close = lambda a, b: np.all(np.abs(a - b) <= 3 * 4 * eps * np.abs(a))
+  assert all(jax.tree.leaves(jax.tree.map(close, p1, p2)))
+  assert "subspace_method" not in s1.hyperparams  # a string: passed through, never injected
 
 
 def test_static_args_must_be_static():
