@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # parameter (and optimizer-moment) dtype
   c.model.scan_layers = True  # stack layers [N, in, out] and run them with nnx.scan
   c.model.remat_policy = "none"  # activation remat per block: none/full/dots_saveable/...
+  # Loss over chunks of this many positions (all rows), backward fused in (train/losses.py): the
+  # [B, L, V] float32 logits and their gradient never exist. 0 = full logits (the old path).
+  c.model.loss_chunk_size = 16
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # tfds data dir with c4/en/3.1.0; "" = the bundled sample (data/tfds)

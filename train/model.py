@@ -308,6 +308,14 @@ class Llama(nnx.Module):
 
   def forward_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
     """Logits from already-embedded inputs (the model minus its embedding lookup)."""
+    return self.lm_head(self.hidden_states_from_embeddings(x_BxLxD))
+
+  def hidden_states(self, tokens_BxL: jax.Array) -> jax.Array:
+    """The final-norm hidden states ``h_BxLxD`` (the LM head's input), in ``config.dtype``."""
+    return self.hidden_states_from_embeddings(self.embed(tokens_BxL))
+
+  def hidden_states_from_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
+    """``hidden_states`` from already-embedded inputs."""
     c = self.config
     cos_LxK, sin_LxK = rope_tables(x_BxLxD.shape[1], c.head_dim, c.rope_base)
     block_fn = _apply_block
@@ -326,7 +334,7 @@ class Llama(nnx.Module):
     else:
       for block in self.layers:
         x_BxLxD = block_fn(block, x_BxLxD, cos_LxK, sin_LxK)
-    return self.lm_head(self.final_norm(x_BxLxD))
+    return self.final_norm(x_BxLxD)
 
 
 # ----------------------------------------------------------------------------------------------

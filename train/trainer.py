@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from train import c4_builder, checkpoint, data, metrics, optim, sharding
+from train import c4_builder, checkpoint, data, losses, metrics, optim, sharding
 from train.model import (
   LLAMA_SIZES,
   REMAT_POLICIES,
@@ -59,6 +59,7 @@ class Setup:
   schedule: optax.Schedule
   data_dir: Path
   vocab_path: Path
+  loss_chunk_size: int = 0  # positions per loss chunk (train.losses); 0 = full [B, L, V] logits
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
@@ -121,7 +122,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if t.fused_update and not m.scan_layers:
     raise _field_error("train.fused_update", t.fused_update, "needs config.model.scan_layers=True.")
   _check_choice(config, "model.size", tuple(LLAMA_SIZES))
-  _check_ints(config, 0, "model.hidden_dim model.mlp_dim model.num_heads model.num_layers")
+  _check_ints(
+    config,
+    0,
+    "model.hidden_dim model.mlp_dim model.num_heads model.num_layers model.loss_chunk_size",
+  )
   for field in ("dtype", "param_dtype"):
     _check_choice(config, f"model.{field}", DTYPES)
   _check_choice(config, "model.remat_policy", ("none", *REMAT_POLICIES))
@@ -209,6 +214,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     optim.make_schedule(config),
     data_dir,
     vocab,
+    config.model.loss_chunk_size,
   )
 
 
@@ -236,9 +242,13 @@ def make_layout(
   return sharding.layout_for_config(config, mesh, abstract)
 
 
-def _loss(graphdef, params, tokens_BxL):
+def _loss(graphdef, params, tokens_BxL, chunk_size: int = 0):
   model = nnx.merge(graphdef, params)
-  return next_token_loss(model(tokens_BxL), tokens_BxL)
+  if not chunk_size:
+    return next_token_loss(model(tokens_BxL), tokens_BxL)
+  h_BxLxD = model.hidden_states(tokens_BxL)
+  kernel_DxV = model.lm_head.kernel[...].astype(h_BxLxD.dtype)
+  return losses.chunked_next_token_loss(h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=chunk_size)
 
 
 def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout | None = None):
@@ -254,7 +264,8 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
   means instead, which weights short documents more).
   """
   graphdef, tx = setup.graphdef, setup.tx
-  grad_fn = jax.value_and_grad(lambda p, t: _loss(graphdef, p, t), has_aux=True)
+  chunk = setup.loss_chunk_size
+  grad_fn = jax.value_and_grad(lambda p, t: _loss(graphdef, p, t, chunk), has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     tokens = batch["tokens"]
@@ -293,7 +304,7 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
 
 def make_eval_step(setup: Setup):
   def eval_step(params, batch):
-    loss_sum, n = _loss(setup.graphdef, params, batch["tokens"])
+    loss_sum, n = _loss(setup.graphdef, params, batch["tokens"], setup.loss_chunk_size)
     return loss_sum, n
 
   return jax.jit(eval_step)
