@@ -1,149 +1,214 @@
-"""Quality in miniature: the paper's Table 2 on the bundled C4 sample.
+"""The paper's Table 2 in miniature: every baseline in the same trainer, each with its lr tuned.
 
-Trains the same model on the same data from the same seed for the same number of steps with
-several optimizers, then prints one markdown table (eval perplexity, optimizer-state bytes,
-tokens/s, wall time) and writes one PNG with the overlaid eval/train loss curves.
+For each method (AdamW with one lr, AdamW with a per-group lr on the attention/MLP kernels,
+GaLore, low-rank W = BA, LoRA, ReLoRA) a learning-rate sweep on LLaMA-9m, pad mode, then the
+best setting of each method rerun with a second seed (`train.seed` and `data.seed` = 1).
 
-  .venv/bin/python -m benchmarks.quality --workdir=runs/quality [--steps=150] [--variants=a,b]
+  .venv/bin/python -m benchmarks.quality --workdir=runs/table2 [--steps=200] [--batch=8]
+      [--seq_len=64] [--shard=0/2]   # run the shards as parallel processes, then:
+  .venv/bin/python -m benchmarks.quality --workdir=runs/table2 --report
 
-Each variant is a name from VARIANTS (config overrides on configs/default.py). Runs resume
-from their workdirs, so an interrupted benchmark continues where it stopped (its tokens/s and wall
-time then cover the resumed part only), and a finished run (`final.json` at `--steps`) is read
-back instead of retrained: variants can be run in parallel processes with the same `--workdir`
-and one last call with all of them prints the table and the PNG.
+A shard owns whole methods (sweep, then its best rerun), so parallel shards never wait on each
+other. Every finished run writes `<run>/result.json` and is skipped when the command is run
+again (resumable); `--report` (or the end of any shard) writes `results.json`, prints the tables
+from whatever has finished and draws `table2.png`. `--dry_run` only builds every config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import math
 from pathlib import Path
 
-from configs import default
-from train import trainer
+import jax
+from flax import nnx
 
-# name -> (description, overrides of configs/default.py as {"section.field": value})
-VARIANTS: dict[str, tuple[str, dict]] = {
-  "adamw_1e-3": (
-    "AdamW full rank, lr 1e-3",
-    {"optimizer.name": "adamw", "optimizer.learning_rate": 1e-3},
+from configs import default
+from train import lowrank, optim, trainer
+from train.model import Llama, count_params
+
+# method -> (description, fixed overrides, swept overrides, paper's 60M perplexity)
+METHODS: dict[str, tuple[str, dict, list[dict], float | None]] = {
+  "adamw": (
+    "AdamW, one lr",
+    {"optimizer.name": "adamw"},
+    [{"optimizer.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)],
+    34.06,
   ),
-  "adamw_3e-3": (
-    "AdamW full rank, lr 3e-3",
-    {"optimizer.name": "adamw", "optimizer.learning_rate": 3e-3},
-  ),
-  "adamw_1e-2": (
-    "AdamW full rank, lr 1e-2 (GaLore's lr)",
+  "adamw_group": (
+    "AdamW, lr 0.01 x target_lr_scale on attention/MLP",
     {"optimizer.name": "adamw", "optimizer.learning_rate": 1e-2},
+    [{"optimizer.target_lr_scale": s} for s in (0.0625, 0.125, 0.25)],
+    34.06,
   ),
-  "galore": ("GaLore-AdamW r=32, exact SVD, lr 1e-2", {}),
-  "galore_randomized": (
-    "GaLore-AdamW r=32, randomized refresh",
-    {"optimizer.subspace_method": "randomized"},
+  "galore_adamw": (
+    "GaLore-AdamW r=32, T=50, scale 0.25",
+    {"optimizer.name": "galore_adamw"},
+    [{"optimizer.learning_rate": lr} for lr in (3e-3, 1e-2, 3e-2)],
+    34.88,
   ),
-  "galore_rotate": (
-    "GaLore-AdamW r=32, moments rotated at refresh",
-    {"optimizer.on_refresh": "rotate"},
+  "low_rank": (
+    "low-rank W = BA, r=32",
+    {"optimizer.name": "low_rank"},
+    [{"optimizer.learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2)],
+    78.18,
   ),
-  "galore_align": (
-    "GaLore-AdamW r=32, signs aligned at refresh",
-    {"optimizer.align_signs": True},
+  "lora": (
+    "LoRA r=32, alpha 32",
+    {"optimizer.name": "lora"},
+    [{"optimizer.learning_rate": lr} for lr in (3e-3, 1e-2, 3e-2)],
+    34.99,
   ),
-  "galore_8bit": ("8-bit GaLore-AdamW r=32", {"optimizer.name": "galore_adamw_8bit"}),
-  "adamw_8bit_vocab32_3e-3": (
-    "8-bit AdamW, embedding/head moments float32, lr 3e-3",
-    {
-      "optimizer.name": "adamw_8bit",
-      "optimizer.learning_rate": 3e-3,
-      "optimizer.float32_vocab_moments": True,
-    },
-  ),
-  "adamw_8bit_3e-3": (
-    "8-bit AdamW, lr 3e-3",
-    {"optimizer.name": "adamw_8bit", "optimizer.learning_rate": 3e-3},
+  "relora": (
+    "ReLoRA r=32, alpha 32, merge every 50",
+    {"optimizer.name": "relora"},
+    [{"optimizer.learning_rate": lr} for lr in (3e-3, 1e-2, 3e-2)],
+    37.04,
   ),
 }
 
 
-def variant_config(name: str, steps: int):
-  config = default.get_config()
-  for key, value in VARIANTS[name][1].items():
+def run_name(method: str, sweep: dict, seed: int) -> str:
+  parts = [f"{k.split('.')[-1]}{v:g}" for k, v in sweep.items()]
+  return "_".join([method, *parts, f"seed{seed}"])
+
+
+def run_config(method: str, sweep: dict, seed: int, args):
+  c = default.get_config()
+  for key, value in {**METHODS[method][1], **sweep}.items():
     section, field = key.split(".")
-    config[section][field] = value
-  config.train.num_steps = steps
-  config.train.eval_every = max(steps // 3, 1)
-  config.train.checkpoint_every = steps
-  config.train.progress_bar = False
-  return config
+    c[section][field] = value
+  c.train.update(num_steps=args.steps, batch_size=args.batch, seed=seed, progress_bar=False)
+  c.train.update(eval_every=max(args.steps // 2, 1), checkpoint_every=args.steps)
+  c.data.update(seq_len=args.seq_len, mode="pad", seed=seed)
+  return c
 
 
-def plot(results: dict[str, Path], out: Path) -> None:
+def sizes(config) -> dict[str, int]:
+  """Trainable parameters and weights + optimizer-state bytes, from shapes only."""
+  setup = trainer.build(config)
+  state = jax.eval_shape(lambda: trainer.init_state(setup, 0))
+  if setup.adapter is not None:
+    c = lowrank.count(state.params)
+    trainable, weights = c["trainable"], c["weight_bytes"]
+  else:
+    abstract = nnx.eval_shape(lambda: Llama(setup.model_config, rngs=nnx.Rngs(0)))
+    trainable = count_params(setup.model_config)["total"]
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract)))
+  return {"trainable": trainable, "bytes": weights + optim.state_bytes(setup.tx, state.params)}
+
+
+def run(root: Path, method: str, sweep: dict, seed: int, args) -> dict:
+  workdir = root / run_name(method, sweep, seed)
+  done = workdir / "result.json"
+  if done.exists():
+    return json.loads(done.read_text())
+  config = run_config(method, sweep, seed, args)
+  if args.dry_run:
+    return {"method": method, **sizes(config)}
+  final = trainer.train_and_evaluate(config, workdir)
+  result = {"method": method, "sweep": sweep, "seed": seed, "run": workdir.name, **sizes(config)}
+  result.update({k: final[k] for k in ("eval_loss", "eval_perplexity", "wall_seconds")})
+  done.write_text(json.dumps(result, indent=1))
+  return result
+
+
+def best(results: list[dict], method: str) -> dict | None:
+  mine = [r for r in results if r["method"] == method and r["seed"] == 0]
+  return min(mine, key=lambda r: r["eval_perplexity"], default=None)
+
+
+def finished(root: Path) -> list[dict]:
+  return [json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))]
+
+
+def report(root: Path, args) -> None:
+  results = finished(root)
+  (root / "results.json").write_text(json.dumps(results, indent=1))
+  print(f"\nLLaMA-9m, pad mode, {args.steps} steps of {args.batch} x {args.seq_len} tokens")
+  print("| method | setting | best lr | eval ppl (mean) | seed 0 / seed 1 | trainable params "
+        "| weights + state | paper 60M |")  # fmt: skip
+  print("|---|---|---|---|---|---|---|---|")
+  for method, (desc, fixed, _, paper) in METHODS.items():
+    b = best(results, method)
+    if b is None:
+      continue
+    setting = {**fixed, **b["sweep"]}
+    other = [r for r in results if r["method"] == method and r["seed"] == 1]
+    other = [r for r in other if r["sweep"] == b["sweep"]]
+    ppls = [b["eval_perplexity"], *(r["eval_perplexity"] for r in other)]
+    lr = setting.get("optimizer.learning_rate", 1e-2)
+    if "optimizer.target_lr_scale" in setting:
+      lr = f"{lr:g} x {setting['optimizer.target_lr_scale']:g}"
+    print(
+      f"| {method} | {desc} | {lr} | {sum(ppls) / len(ppls):.1f} | "
+      f"{' / '.join(f'{p:.1f}' for p in ppls)} | {b['trainable'] / 1e6:.2f}M | "
+      f"{b['bytes'] / 1e6:.1f} MB | {paper if paper else '-'} |"
+    )
+  print("\nEvery run: " + "; ".join(f"{r['run']} {r['eval_perplexity']:.1f}" for r in results))
+  plot(root, results)
+
+
+def plot(root: Path, results: list[dict]) -> None:
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for name, workdir in results.items():
-    records = trainer.load_metrics(workdir)
+  fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for method in METHODS:
+    b = best(results, method)
+    if b is None:
+      continue
+    records = trainer.load_metrics(root / b["run"])
     train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
-    evals = sorted({r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}.items())
-    (line,) = ax_train.plot(*zip(*train), label=name, alpha=0.8)
-    ax_eval.plot(*zip(*evals), "o-", color=line.get_color(), label=name)
-  for ax, title in ((ax_train, "train loss"), (ax_eval, "eval loss (validation split)")):
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats/token")
-    ax.set_title(title)
+    k = 10  # moving average over 10 steps: single small batches are noisy
+    steps = [s for s, _ in train][k - 1 :]
+    smooth = [sum(v for _, v in train[i - k + 1 : i + 1]) / k for i in range(k - 1, len(train))]
+    ax_loss.plot(steps, smooth, label=f"{method} ({b['run']})")
+    mine = sorted(
+      (r for r in results if r["method"] == method and r["seed"] == 0),
+      key=lambda r: list(r["sweep"].values())[0],
+    )
+    xs = [list(r["sweep"].values())[0] for r in mine]
+    ax_lr.plot(xs, [math.log(r["eval_perplexity"]) for r in mine], "o-", label=method)
+  ax_loss.set(xlabel="step", ylabel="train loss (10-step mean)", title="best setting, seed 0")
+  ax_lr.set(xscale="log", xlabel="swept lr (adamw_group: scale)", ylabel="eval loss")
+  for ax in (ax_loss, ax_lr):
     ax.grid(alpha=0.3)
-  ax_eval.legend()
-  fig.savefig(out, dpi=100, bbox_inches="tight")
+    ax.legend(fontsize=7)
+  fig.savefig(root / "table2.png", dpi=100, bbox_inches="tight")
   plt.close(fig)
-
-
-def _finished(workdir: Path, steps: int) -> dict | None:
-  """The final record of a run that already finished `steps` steps, else None."""
-  path = workdir / "final.json"
-  if not path.exists():
-    return None
-  final = json.loads(path.read_text())
-  return final if final.get("steps") == steps and "eval_perplexity" in final else None
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/quality")
-  parser.add_argument("--steps", type=int, default=150)
-  parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--workdir", default="runs/table2")
+  parser.add_argument("--steps", type=int, default=200)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq_len", type=int, default=64)
+  parser.add_argument("--shard", default="0/1", help="i/n: this process runs methods i::n")
+  parser.add_argument("--report", action="store_true", help="only print the tables and plot")
+  parser.add_argument("--dry_run", action="store_true", help="only build every config")
   args = parser.parse_args()
   root = Path(args.workdir)
-  rows, dirs = [], {}
-  for name in args.variants.split(","):
-    workdir = root / name
-    final = _finished(workdir, args.steps)
-    if final is None:
-      final = trainer.train_and_evaluate(variant_config(name, args.steps), workdir)
-    summary = json.loads((workdir / "summary.json").read_text())
-    dirs[name] = workdir
-    rows.append((name, VARIANTS[name][0], final, summary))
-  plot(dirs, root / "quality.png")
-  print(
-    f"\nLLaMA-9m on the bundled C4 sample, {args.steps} steps of 16 x 256 tokens, seed 0; "
-    f"machine: {platform.machine()} CPU, {platform.system()}"
-  )
-  print("| variant | optimizer | eval ppl | optimizer state | vs AdamW | tokens/s | wall (s) |")
-  print("|---|---|---|---|---|---|---|")
-  for name, desc, final, summary in rows:
-    ratio = summary["optimizer_state_bytes"] / summary["adamw_state_bytes"]
-    print(
-      f"| {name} | {desc} | {final['eval_perplexity']:.1f} | "
-      f"{summary['optimizer_state_bytes'] / 1e6:.1f} MB | {ratio:.1%} | "
-      f"{final['tokens_per_second']:.0f} | {final['wall_seconds']:.0f} |"
-    )
-  floor = next((s.get("unigram_perplexity") for *_, s in rows if "unigram_perplexity" in s), None)
-  if floor:
-    print(f"\nValidation unigram perplexity (context-free floor): {floor:.1f}")
-  print(f"Curves: {root / 'quality.png'}")
+  root.mkdir(parents=True, exist_ok=True)
+  if not args.report:
+    i, n = map(int, args.shard.split("/"))
+    mine = list(METHODS)[i::n]
+    for method in mine:
+      for sweep in METHODS[method][2]:
+        out = run(root, method, sweep, 0, args)
+        if args.dry_run:
+          print(method, sweep, out)
+    if args.dry_run:
+      return
+    for method in mine:  # the best of each method with a second seed
+      b = best(finished(root), method)
+      if b is not None:
+        run(root, method, b["sweep"], 1, args)
+  report(root, args)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0  # grain worker processes for tokenisation (0 = in-process)
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.name = (
-    "galore_adamw"  # galore_adamw | adamw | galore | adamw_8bit | galore_adamw_8bit
-  )
+  # galore_adamw | adamw | galore | adamw_8bit | galore_adamw_8bit, or the paper's low-rank
+  # baselines (train/lowrank.py): lora | relora | low_rank
+  c.optimizer.name = "galore_adamw"
   c.optimizer.inner = "adafactor"  # inner optax optimizer for name="galore": adam | adafactor
   c.optimizer.learning_rate = 0.01  # peak learning rate (the paper: 0.01 for GaLore)
   c.optimizer.warmup_fraction = 0.1  # linear warmup from 0 over this fraction of steps
@@ -49,7 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-6  # Adam epsilon (GaLoreAdamW's default, added to sqrt(v))
   c.optimizer.weight_decay = 0.0  # decoupled weight decay (the paper: 0)
   c.optimizer.grad_clip_norm = 0.0  # global-norm clipping threshold; 0 = off
-  c.optimizer.rank = 32  # GaLore rank r
+  # adamw: learning-rate multiplier of the attention/MLP kernels (GaLore's targets); 1 = one lr
+  c.optimizer.target_lr_scale = 1.0
+  c.optimizer.rank = 32  # GaLore rank r (also the factors' rank of lora/relora/low_rank)
+  c.optimizer.lora_alpha = 32.0  # lora/relora: the factors' product is scaled by alpha / rank
+  c.optimizer.relora_reset_every = 50  # relora: merge the factors into the kernels every N steps
+  c.optimizer.relora_restart_warmup = 5  # relora: steps of linear lr warmup after each merge
   c.optimizer.update_proj_gap = 50  # GaLore refresh period T in steps
   c.optimizer.scale = 0.25  # GaLore alpha: multiplies projected updates
   c.optimizer.proj_type = "std"  # std | reverse_std | left | right | full

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,9 +12,17 @@ import ml_collections
 import optax
 
 import galore_jax as gj
+from train import lowrank
 from train.model import galore_target_mask
 
-OPTIMIZERS = ("galore_adamw", "adamw", "galore", "adamw_8bit", "galore_adamw_8bit")
+OPTIMIZERS = (
+  "galore_adamw",
+  "adamw",
+  "galore",
+  "adamw_8bit",
+  "galore_adamw_8bit",
+  *lowrank.METHODS,  # the paper's low-rank baselines (train/lowrank.py)
+)
 INNER_OPTIMIZERS = ("adam", "adafactor")
 
 
@@ -41,7 +50,10 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """The learning-rate schedule of `config.optimizer` over `config.train.num_steps` updates."""
   o = config.optimizer
   warmup = int(round(o.warmup_fraction * config.train.num_steps))
-  return warmup_cosine_schedule(o.learning_rate, config.train.num_steps, warmup, o.min_lr_ratio)
+  schedule = warmup_cosine_schedule(o.learning_rate, config.train.num_steps, warmup, o.min_lr_ratio)
+  if o.name == "relora":
+    schedule = lowrank.jagged_schedule(schedule, o.relora_reset_every, o.relora_restart_warmup)
+  return schedule
 
 
 def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -77,16 +89,27 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   * `adamw`: the full-rank baseline, transformers-style AdamW (same math as the above).
   * `galore`: GaLore over another optax optimizer (`config.optimizer.inner`), decay after it.
   * `adamw_8bit` / `galore_adamw_8bit`: 8-bit moments (galore_jax.adam8bit).
+  * `lora` / `relora` / `low_rank`: AdamW on the trainable leaves of `train.lowrank`'s adapted
+    tree; LoRA's frozen kernels get `optax.set_to_zero()` (no state, not clipped).
   Global-norm clipping (`grad_clip_norm > 0`) runs first, on the full-rank gradients.
+  `target_lr_scale` (adamw only) multiplies the attention/MLP kernels' updates, i.e. their
+  learning rate (and decoupled weight decay, which is proportional to it).
   """
   o = config.optimizer
   lr = make_schedule(config)
+  if o.name in lowrank.METHODS:
+    tx = _adamw(lr, o)
+    if o.grad_clip_norm > 0:
+      tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, lowrank.param_labels)
   if o.name == "galore_adamw":
     tx = gj.galore_adamw(
       lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, **_galore_options(o)
     )
   elif o.name == "adamw":
     tx = _adamw(lr, o)
+    if o.target_lr_scale != 1.0:  # (absent at 1: the state and checkpoints stay as they were)
+      tx = optax.chain(tx, optax.masked(optax.scale(o.target_lr_scale), galore_target_mask))
   elif o.name == "galore":
     if o.inner == "adam":
       inner = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
@@ -146,6 +169,7 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
     "eps": (0, math.inf, False, False),
     "weight_decay": (0, math.inf, True, False),
     "grad_clip_norm": (0, math.inf, True, False),
+    "target_lr_scale": (0, math.inf, False, False),
   }
   for field, (low, high, low_in, high_in) in ranges.items():
     v = o[field]
@@ -161,6 +185,13 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
   for field in ("float32_vocab_moments", "align_signs"):
     if not isinstance(o[field], bool):
       fail(field, "must be True or False.")
+  if o.target_lr_scale != 1.0 and o.name != "adamw":
+    fail("target_lr_scale", f"applies to config.optimizer.name='adamw' only (not {o.name!r}).")
+  if o.target_lr_scale != 1.0 and config.train.fused_update:
+    fail("target_lr_scale", "is not supported with config.train.fused_update=True.")
+  if o.name in lowrank.METHODS:
+    _validate_adapter(config, params, fail)
+    return
   if "galore" not in o.name:
     return
   for field, choices in (
@@ -176,10 +207,14 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
   for field, low in (("update_proj_gap", 1), ("oversample", 0), ("power_iters", 0)):
     if not isinstance(o[field], int) or isinstance(o[field], bool) or o[field] < low:
       fail(field, f"must be an int >= {low}.")
+  _check_rank(o, params, fail)
+
+
+def _check_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
   mask = galore_target_mask(params)
   dims = [min(p.shape[-2:]) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   if not dims:
-    fail("name", "uses GaLore but the model has no attn/mlp kernels.")
+    fail("name", "targets attn/mlp kernels but the model has none.")
   rank_ok = isinstance(o.rank, int) and not isinstance(o.rank, bool) and o.rank >= 1
   # galore_jax clips a rank above a matrix's smaller dimension (projection.effective_rank, as
   # the reference's thin SVD); in a training config that is a mistake, so it is refused here.
@@ -189,6 +224,23 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
       f"must be an int in [1, {min(dims)}]: the smallest GaLore-targeted matrix of this model "
       f"has min(in, out) = {min(dims)}.",
     )
+
+
+def _validate_adapter(config: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
+  """The fields of `lora` / `relora` / `low_rank` (train/lowrank.py)."""
+  o = config.optimizer
+  if config.train.fused_update:
+    fail("name", "does not run with config.train.fused_update=True (a GaLore/AdamW path only).")
+  _check_rank(o, params, fail)
+  if not _number(o.lora_alpha) or o.lora_alpha <= 0:
+    fail("lora_alpha", "must be a number > 0.")
+  if o.name != "relora":
+    return
+  every, warmup = o.relora_reset_every, o.relora_restart_warmup
+  if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    fail("relora_reset_every", "must be an int >= 1.")
+  if not isinstance(warmup, int) or isinstance(warmup, bool) or not 0 <= warmup <= every:
+    fail("relora_restart_warmup", f"must be an int in [0, {every}] (relora_reset_every).")
 
 
 def state_bytes(tx: optax.GradientTransformation, params: Any) -> int:

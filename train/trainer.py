@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from train import c4_builder, checkpoint, data, losses, metrics, optim, sharding
+from train import c4_builder, checkpoint, data, losses, lowrank, metrics, optim, sharding
 from train.model import (
   LLAMA_SIZES,
   REMAT_POLICIES,
@@ -60,6 +60,11 @@ class Setup:
   data_dir: Path
   vocab_path: Path
   loss_chunk_size: int = 0  # positions per loss chunk (train.losses); 0 = full [B, L, V] logits
+  adapter: lowrank.Adapter | None = None  # lora / relora / low_rank: params are its tree
+
+  def model_params(self, params: Any) -> Any:
+    """The model's parameters (for `nnx.merge`) from the trained ones."""
+    return params if self.adapter is None else self.adapter.model_params(params)
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
@@ -207,6 +212,10 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   optim.validate_optimizer_config(config, abstract_params)
   data_dir = Path(config.data.data_dir) if config.data.data_dir else data.BUNDLED_DATA_DIR
   vocab = Path(config.data.vocab_path) if config.data.vocab_path else data.BUNDLED_VOCAB
+  o, adapter = config.optimizer, None
+  if o.name in lowrank.METHODS:
+    reset_every = o.relora_reset_every if o.name == "relora" else 0
+    adapter = lowrank.Adapter(o.name, o.rank, o.lora_alpha, model_config.init_std, reset_every)
   return Setup(
     model_config,
     graphdef,
@@ -215,6 +224,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     data_dir,
     vocab,
     config.model.loss_chunk_size,
+    adapter,
   )
 
 
@@ -226,6 +236,9 @@ def init_state(setup: Setup, seed: int, layout: sharding.Layout | None = None) -
     model = Llama(setup.model_config, rngs=nnx.Rngs(seed))
     _, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(jnp.asarray, params)
+    if setup.adapter is not None:  # the factors' own stream, apart from the model's
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+      params = setup.adapter.init(nnx.to_pure_dict(params), key)
     return TrainState(
       jnp.zeros([], jnp.int32), params, setup.tx.init(params), jax.random.PRNGKey(seed)
     )
@@ -262,10 +275,13 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
   each micro-batch are accumulated (float32) and divided by the batch's non-pad token count,
   so accumulation gives the same update as one large batch (the reference averages micro-batch
   means instead, which weights short documents more).
+
+  ReLoRA (`setup.adapter.reset_every`) merges and resets after every `reset_every`-th update.
   """
-  graphdef, tx = setup.graphdef, setup.tx
+  graphdef, tx, adapter = setup.graphdef, setup.tx, setup.adapter
   chunk = setup.loss_chunk_size
-  grad_fn = jax.value_and_grad(lambda p, t: _loss(graphdef, p, t, chunk), has_aux=True)
+  loss = lambda p, t: _loss(graphdef, setup.model_params(p), t, chunk)
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     tokens = batch["tokens"]
@@ -295,7 +311,13 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
     if layout is not None:  # computed replicated; split (a local slice) only when stored
       opt_state = jax.lax.with_sharding_constraint(opt_state, layout.update_state.opt_state)
     params = optax.apply_updates(state.params, updates)
-    rng, _ = jax.random.split(state.rng)
+    rng, key = jax.random.split(state.rng)
+    if adapter is not None and adapter.reset_every:
+      params, opt_state = jax.lax.cond(
+        (state.step + 1) % adapter.reset_every == 0,
+        lambda: adapter.restart(params, opt_state, key),
+        lambda: (params, opt_state),
+      )
     out = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": n}
     return TrainState(state.step + 1, params, opt_state, rng), out
 
@@ -304,7 +326,8 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
 
 def make_eval_step(setup: Setup):
   def eval_step(params, batch):
-    loss_sum, n = _loss(setup.graphdef, params, batch["tokens"], setup.loss_chunk_size)
+    model_params = setup.model_params(params)
+    loss_sum, n = _loss(setup.graphdef, model_params, batch["tokens"], setup.loss_chunk_size)
     return loss_sum, n
 
   return jax.jit(eval_step)
@@ -435,7 +458,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   writer = metrics.MetricWriter(logdir)
   counts = count_params(setup.model_config)
-  adamw_bytes = optim.state_bytes(optim._adamw(1.0, config.optimizer), state.params)
+  model_params = jax.eval_shape(setup.model_params, state.params)  # (adapters: the kernels)
+  adamw_bytes = optim.state_bytes(optim._adamw(1.0, config.optimizer), model_params)
   summary = {
     "model": config.model.size,
     "params": counts["total"],
