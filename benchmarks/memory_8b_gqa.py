@@ -34,5 +34,6 @@ for name in ("adamw", "galore_adamw", "galore_adamw_8bit", "adamw_8bit"):
   st = jax.eval_shape(tx.init, params)
   sb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st))
   print(
-    f"{name:20s} state {sb / 2**30:.2f} GiB; params+state {(pb + sb) / 2**30:.2f} GiB; + full bf16 grads {(2 * pb + sb) / 2**30:.2f} GiB"
+    f"{name:20s} state {sb / 2**30:.2f} GiB; params+state {(pb + sb) / 2**30:.2f} GiB; "
+    f"+ full bf16 grads {(2 * pb + sb) / 2**30:.2f} GiB"
   )
