@@ -10,6 +10,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default training configuration."""
   c = ml_collections.ConfigDict()
+  # Fine-tuning: a local Hugging Face LLaMA/Mistral directory (config.json + safetensors) whose
+  # weights, shapes and SentencePiece tokenizer.model the run starts from (model.size and its
+  # shape overrides are then unused); "" = random init. Optimizer state always starts fresh.
+  c.init_from = ""
+  c.export_to = ""  # write the final weights here as a Hugging Face directory; "" = don't
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "9m"  # one of train.model.LLAMA_SIZES (9m ... 7b)

@@ -170,14 +170,12 @@ def _tiny_hf_config(**overrides):
 @pytest.mark.parametrize(
   "overrides, match",
   [
-    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
-    (dict(num_key_value_heads=2), "num_key_value_heads=2"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (
       dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
-      "rope scaling",
+      "rope_scaling",
     ),
   ],
 )

@@ -64,11 +64,15 @@ __all__ = [
 
 
 class Tokenizer:
-  """The T5 SentencePiece vocabulary, used directly: pad 0, EOS 1 appended, no BOS.
+  """A SentencePiece vocabulary used directly: BOS (if it has one) prepended, EOS appended.
 
-  `encode` gives the ids Hugging Face's `T5Tokenizer` gives for the same text with its default
-  settings (`add_special_tokens=True`), without the 100 `<extra_id_*>` sentinels, which C4 text
-  never produces.
+  With the bundled T5 vocabulary (pad 0, EOS 1, no BOS), `encode` gives the ids Hugging Face's
+  `T5Tokenizer` gives for the same text with its default settings (`add_special_tokens=True`),
+  without the 100 `<extra_id_*>` sentinels, which C4 text never produces.
+
+  A LLaMA-style vocabulary (`<unk>` 0, BOS 1, EOS 2, no pad piece) is accepted too: id 0 then
+  pads, so `<unk>` targets are masked like pads. LLaMA's vocabularies fall back to bytes and
+  never produce `<unk>`, so nothing real is masked.
 
   Example::
 
@@ -83,12 +87,14 @@ class Tokenizer:
     proto = sentencepiece_model_pb2.ModelProto.FromString(self._sp.serialized_model_proto())
     # Then no piece spans a space: text up to a space encodes to a prefix of the text's ids.
     self._pieces_stop_at_spaces = proto.trainer_spec.split_by_whitespace
-    if self._sp.pad_id() != 0 or self._sp.eos_id() < 0:
+    unk_pads = self._sp.pad_id() < 0 and self._sp.unk_id() == 0  # LLaMA's layout
+    if not (self._sp.pad_id() == 0 or unk_pads) or self._sp.eos_id() < 0:
       raise ValueError(
-        f"{self.vocab_path}: the pipeline needs pad id 0 (the loss ignores targets equal to 0) "
-        f"and an EOS piece; this vocabulary has pad id {self._sp.pad_id()}, "
-        f"EOS id {self._sp.eos_id()}"
+        f"{self.vocab_path}: the pipeline needs pad id 0, or no pad piece and <unk> at 0 (the "
+        f"loss ignores targets equal to 0), and an EOS piece; this vocabulary has pad id "
+        f"{self._sp.pad_id()}, <unk> id {self._sp.unk_id()}, EOS id {self._sp.eos_id()}"
       )
+    self._bos = [self._sp.bos_id()] if self._sp.bos_id() >= 0 else []
 
   @property
   def vocab_size(self) -> int:
@@ -96,7 +102,7 @@ class Tokenizer:
 
   @property
   def pad_id(self) -> int:
-    return self._sp.pad_id()
+    return 0
 
   @property
   def eos_id(self) -> int:
@@ -111,9 +117,9 @@ class Tokenizer:
     """
     if max_length is not None and self._pieces_stop_at_spaces:
       cut = text.find(" ", 8 * max_length)
-      if cut > 0 and len(ids := self._sp.encode(text[:cut])) >= max_length:
+      if cut > 0 and len(ids := self._bos + self._sp.encode(text[:cut])) >= max_length:
         return ids[: max_length - 1] + [self.eos_id]
-    ids = self._sp.encode(text) + [self.eos_id]
+    ids = self._bos + self._sp.encode(text) + [self.eos_id]
     if max_length is not None and len(ids) > max_length:
       return ids[: max_length - 1] + [self.eos_id]
     return ids

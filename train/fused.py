@@ -88,6 +88,8 @@ class _Model(NamedTuple):
 def _model_parts(config: LlamaConfig) -> _Model:
   if not config.scan_layers:
     raise ValueError("the fused update needs LlamaConfig.scan_layers=True (stacked blocks).")
+  if config.tie_word_embeddings:  # the embedding would get two updates (head and lookup)
+    raise ValueError("the fused update needs an untied LM head (tie_word_embeddings=False).")
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graph = lambda module: nnx.split(module, nnx.Param)[0]
   parts = (abstract.embed, abstract.layers, abstract.final_norm, abstract.lm_head)
@@ -192,7 +194,8 @@ def _step_single(
   """K = 1: one forward, then updates during the backward pass (two passes when clipping)."""
   lay, n = opt.layout, opt.layout.num_layers
   full, nodes, shared, grp = lw.unpack(opt, params, opt_state)
-  cos, sin = rope_tables(tokens_BxL.shape[1], m.config.head_dim, m.config.rope_base)
+  c = m.config
+  cos, sin = rope_tables(tokens_BxL.shape[1], c.head_dim, c.rope_base, c.rope_scaling)
   embed = lambda p: _embed(m, lay.tree(EMBED, p), tokens_BxL)
   x0, embed_vjp = jax.vjp(embed, grp[EMBED].params)
   x_last, xs = _forward(m, lay, grp[LAYERS].params, x0, cos, sin)
@@ -256,7 +259,8 @@ def _step_accumulate(
   lay, n = opt.layout, opt.layout.num_layers
   full, nodes, shared, grp = lw.unpack(opt, params, opt_state)
   accum, acc0, p0_init = lw.make_accumulator(opt, full, nodes, shared, grp, proj_type, accum_dtype)
-  cos, sin = rope_tables(micro_KxBxL.shape[-1], m.config.head_dim, m.config.rope_base)
+  c = m.config
+  cos, sin = rope_tables(micro_KxBxL.shape[-1], c.head_dim, c.rope_base, c.rope_scaling)
   ids = jnp.arange(n)
   take = lambda xs, i: lw.layer_take(xs, i, n)
   put = lambda xs, new, i: [lw.layer_put(x, y, i, n) for x, y in zip(xs, new)]

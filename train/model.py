@@ -43,21 +43,64 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """LLaMA-3.1 rotary rescaling (HF ``rope_scaling`` with ``rope_type: "llama3"``).
+
+  Frequencies with wavelength above ``original_max_position_embeddings / low_freq_factor`` are
+  divided by ``factor``, those below ``... / high_freq_factor`` are kept, and the band between
+  is interpolated linearly in ``original_max_position_embeddings / wavelength``.
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+  def __post_init__(self):
+    if not self.factor > 0 or not self.high_freq_factor > self.low_freq_factor > 0:
+      raise ValueError(
+        f"llama3 rope scaling needs factor > 0 and high_freq_factor > low_freq_factor > 0, got "
+        f"{self}"
+      )
+
+  def apply(self, inv_freq_K2: jax.Array) -> jax.Array:
+    """Rescaled inverse frequencies, float32 (transformers' ``_compute_llama3_parameters``)."""
+    old = float(self.original_max_position_embeddings)
+    low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+    wavelen_K2 = 2 * jnp.pi / inv_freq_K2
+    scaled_K2 = jnp.where(wavelen_K2 > low_wavelen, inv_freq_K2 / self.factor, inv_freq_K2)
+    smooth_K2 = (old / wavelen_K2 - self.low_freq_factor) / (
+      self.high_freq_factor - self.low_freq_factor
+    )
+    smoothed_K2 = (1 - smooth_K2) * scaled_K2 / self.factor + smooth_K2 * scaled_K2
+    medium_K2 = (wavelen_K2 >= high_wavelen) & (wavelen_K2 <= low_wavelen)
+    return jnp.where(medium_K2, smoothed_K2, scaled_K2)
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Shape and numerics of a LLaMA decoder.
 
   Dimension letters used in tensor names (``x_BxLxD``, ``logits_BxLxV``, ``kernel_NxDxF``):
-    B batch, L sequence length, D hidden (model) dim, H attention heads, K head dim (D / H),
+    B batch, L sequence length, D hidden (model) dim, H attention heads, G key/value heads
+    (grouped-query attention; G = H is plain multi-head), K head dim (D / H unless given),
     F MLP intermediate dim, V vocabulary size, N layers.
 
   Attributes:
     vocab_size: V.
     hidden_dim: D.
     mlp_dim: F.
-    num_heads: H; must divide D, and K = D / H must be even (rotary pairs).
+    num_heads: H; must divide D (unless ``explicit_head_dim`` is set), and K must be even
+      (rotary pairs).
     num_layers: N.
+    num_kv_heads: G, key/value heads of grouped-query attention; must divide H. 0 = H.
+    explicit_head_dim: K where it is not D / H (HF's ``head_dim``); 0 = D / H.
+    tie_word_embeddings: the LM head is the transposed embedding (no ``lm_head`` parameter).
     rms_norm_eps: epsilon added to the mean square in RMSNorm.
     rope_base: rotary base (theta); inverse frequencies are base^(-2i/K).
+    rope_scaling: ``Llama3RopeScaling`` (LLaMA-3.1's frequency-dependent rescaling) or None.
+    sliding_window: each query sees only its last W positions (itself included), as Mistral's
+      ``sliding_window``; 0 = plain causal attention.
     init_std: standard deviation of the N(0, std) init of every kernel and the embedding.
     dtype: compute dtype (activations, logits). RMSNorm variance, rotary and the loss always run
       in float32. ``jnp.float32`` or ``jnp.bfloat16`` (the paper's pure-bf16 runs).
@@ -76,8 +119,13 @@ class LlamaConfig:
   mlp_dim: int
   num_heads: int
   num_layers: int
+  num_kv_heads: int = 0
+  explicit_head_dim: int = 0
+  tie_word_embeddings: bool = False
   rms_norm_eps: float = 1e-6
   rope_base: float = 10000.0
+  rope_scaling: Llama3RopeScaling | None = None
+  sliding_window: int = 0
   init_std: float = 0.02
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
@@ -91,10 +139,24 @@ class LlamaConfig:
     for name in ("vocab_size", "hidden_dim", "mlp_dim", "num_heads", "num_layers"):
       if getattr(self, name) <= 0:
         raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
-    if self.hidden_dim % self.num_heads or (self.hidden_dim // self.num_heads) % 2:
+    for name in ("num_kv_heads", "explicit_head_dim", "sliding_window"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"LlamaConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if self.explicit_head_dim:
+      if self.explicit_head_dim % 2:
+        raise ValueError(
+          f"explicit_head_dim={self.explicit_head_dim} must be even (rotary embeddings rotate "
+          "pairs)"
+        )
+    elif self.hidden_dim % self.num_heads or (self.hidden_dim // self.num_heads) % 2:
       raise ValueError(
         f"hidden_dim={self.hidden_dim} must split into num_heads={self.num_heads} heads "
         "of even size (rotary embeddings rotate pairs)"
+      )
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+        f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
+        "(grouped-query attention shares each key/value head among H / G query heads)"
       )
     if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
       known = ", ".join(["none", *REMAT_POLICIES])
@@ -102,8 +164,13 @@ class LlamaConfig:
 
   @property
   def head_dim(self) -> int:
-    """K = D / H."""
-    return self.hidden_dim // self.num_heads
+    """K: ``explicit_head_dim`` if set, else D / H."""
+    return self.explicit_head_dim or self.hidden_dim // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """G: ``num_kv_heads`` if set, else H."""
+    return self.num_kv_heads or self.num_heads
 
 
 def _size(hidden: int, inter: int, heads: int, layers: int, vocab: int = 32000) -> LlamaConfig:
@@ -168,9 +235,13 @@ class RMSNorm(nnx.Module):
     return y_BxLxD * self.scale[...].astype(self.dtype)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+  seq_len: int, head_dim: int, base: float, scaling: Llama3RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
   """float32 ``(cos_LxK, sin_LxK)`` for positions 0..L-1, HF layout (frequencies repeated)."""
   inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling is not None:
+    inv_freq_K2 = scaling.apply(inv_freq_K2)
   freqs_LxK2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
   emb_LxK = jnp.concatenate([freqs_LxK2, freqs_LxK2], axis=-1)
   return jnp.cos(emb_LxK), jnp.sin(emb_LxK)
@@ -198,26 +269,35 @@ def _linear(c: LlamaConfig, din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with rotary q/k, via ``jax.nn.dot_product_attention``."""
+  """Causal grouped-query self-attention with rotary q/k, via ``jax.nn.dot_product_attention``.
+
+  q has H heads, k and v have G (each shared by H / G query heads; G = H is multi-head).
+  Kernels: q ``(D, H K)``, k and v ``(D, G K)``, o ``(H K, D)``.
+  """
 
   def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
-    self.num_heads, self.head_dim = c.num_heads, c.head_dim
-    d = c.hidden_dim
-    self.q_proj = _linear(c, d, d, rngs)
-    self.k_proj = _linear(c, d, d, rngs)
-    self.v_proj = _linear(c, d, d, rngs)
-    self.o_proj = _linear(c, d, d, rngs)
+    self.num_heads, self.kv_heads, self.head_dim = c.num_heads, c.kv_heads, c.head_dim
+    self.sliding_window = c.sliding_window
+    d, q_dim, kv_dim = c.hidden_dim, c.num_heads * c.head_dim, c.kv_heads * c.head_dim
+    self.q_proj = _linear(c, d, q_dim, rngs)
+    self.k_proj = _linear(c, d, kv_dim, rngs)
+    self.v_proj = _linear(c, d, kv_dim, rngs)
+    self.o_proj = _linear(c, q_dim, d, rngs)
 
   def __call__(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
-    b, seq, d = x_BxLxD.shape
-    split = lambda y: y.reshape(b, seq, self.num_heads, self.head_dim)
-    q_BxLxHxK = apply_rope(split(self.q_proj(x_BxLxD)), cos_LxK, sin_LxK)
-    k_BxLxHxK = apply_rope(split(self.k_proj(x_BxLxD)), cos_LxK, sin_LxK)
-    v_BxLxHxK = split(self.v_proj(x_BxLxD))
+    b, seq, _ = x_BxLxD.shape
+    split = lambda y, heads: y.reshape(b, seq, heads, self.head_dim)
+    q_BxLxHxK = apply_rope(split(self.q_proj(x_BxLxD), self.num_heads), cos_LxK, sin_LxK)
+    k_BxLxGxK = apply_rope(split(self.k_proj(x_BxLxD), self.kv_heads), cos_LxK, sin_LxK)
+    v_BxLxGxK = split(self.v_proj(x_BxLxD), self.kv_heads)
+    # A query at t sees keys t - W + 1 .. t (Mistral's window W, itself included).
+    window = (self.sliding_window - 1, 0) if self.sliding_window else None
     # No padding mask (as in the reference): with right padding, real positions only see
     # real positions under the causal mask, and pad targets are masked in the loss.
-    out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True)
-    return self.o_proj(out_BxLxHxK.reshape(b, seq, d))
+    out_BxLxHxK = jax.nn.dot_product_attention(
+      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, local_window_size=window
+    )
+    return self.o_proj(out_BxLxHxK.reshape(b, seq, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -301,14 +381,18 @@ class Llama(nnx.Module):
     self.final_norm = RMSNorm(
       c.hidden_dim, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype
     )
-    self.lm_head = _linear(c, c.hidden_dim, c.vocab_size, rngs)
+    if not c.tie_word_embeddings:
+      self.lm_head = _linear(c, c.hidden_dim, c.vocab_size, rngs)
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     return self.forward_embeddings(self.embed(tokens_BxL))
 
   def forward_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
     """Logits from already-embedded inputs (the model minus its embedding lookup)."""
-    return self.lm_head(self.hidden_states_from_embeddings(x_BxLxD))
+    h_BxLxD = self.hidden_states_from_embeddings(x_BxLxD)
+    if self.config.tie_word_embeddings:
+      return self.embed.attend(h_BxLxD)  # h @ embedding^T
+    return self.lm_head(h_BxLxD)
 
   def hidden_states(self, tokens_BxL: jax.Array) -> jax.Array:
     """The final-norm hidden states ``h_BxLxD`` (the LM head's input), in ``config.dtype``."""
@@ -317,7 +401,7 @@ class Llama(nnx.Module):
   def hidden_states_from_embeddings(self, x_BxLxD: jax.Array) -> jax.Array:
     """``hidden_states`` from already-embedded inputs."""
     c = self.config
-    cos_LxK, sin_LxK = rope_tables(x_BxLxD.shape[1], c.head_dim, c.rope_base)
+    cos_LxK, sin_LxK = rope_tables(x_BxLxD.shape[1], c.head_dim, c.rope_base, c.rope_scaling)
     block_fn = _apply_block
     if c.remat_policy != "none":
       # prevent_cse is only needed outside scan (scan already blocks the CSE it guards).
@@ -335,6 +419,12 @@ class Llama(nnx.Module):
       for block in self.layers:
         x_BxLxD = block_fn(block, x_BxLxD, cos_LxK, sin_LxK)
     return self.final_norm(x_BxLxD)
+
+  def head_kernel(self) -> jax.Array:
+    """The LM head's ``[D, V]`` kernel: the embedding's transpose when they are tied."""
+    if self.config.tie_word_embeddings:
+      return self.embed.embedding[...].T
+    return self.lm_head.kernel[...]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,45 +523,137 @@ _HF_GLOBAL_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
 _HF_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def _config_from_hf(hf_config: Any, **fields: Any) -> LlamaConfig:
-  """Our config from a transformers ``LlamaConfig``; raises on anything we do not model."""
-  get = lambda name, default=None: getattr(hf_config, name, default)
-  if get("model_type", "llama") != "llama":
-    raise ValueError(f"expected a LLaMA config, got model_type={get('model_type')!r}")
-  if get("tie_word_embeddings", False):
-    raise ValueError("tie_word_embeddings=True is unsupported: the model has an untied lm_head")
+# HF config fields that change the computation and the values we model (anything else there,
+# e.g. max_position_embeddings or bos_token_id, does not change the math of a forward pass).
+_HF_MODEL_TYPES = ("llama", "mistral")
+
+
+def config_from_hf(hf_config: Any, **fields: Any) -> LlamaConfig:
+  """Our config from a transformers LLaMA/Mistral config or its ``config.json`` dict.
+
+  Args:
+    hf_config: a transformers ``LlamaConfig`` / ``MistralConfig`` or a plain mapping (the
+      parsed ``config.json``).
+    **fields: ``LlamaConfig`` fields not in an HF config (dtype, param_dtype, scan_layers, ...).
+
+  Returns:
+    The ``LlamaConfig``.
+
+  Raises:
+    ValueError: naming the field, on anything that changes the computation and that we do not
+      model: biases, non-silu activations, dropout, rope types other than default / llama3.
+  """
+  if isinstance(hf_config, Mapping):
+    get = lambda name, default=None: hf_config.get(name, default)
+  else:
+    get = lambda name, default=None: getattr(hf_config, name, default)
+  model_type = get("model_type", "llama")
+  if model_type not in _HF_MODEL_TYPES:
+    raise ValueError(f"model_type={model_type!r} is unsupported (only {_HF_MODEL_TYPES})")
   for name in ("attention_bias", "mlp_bias"):
     if get(name, False):
-      raise ValueError(f"{name}=True is unsupported: the model has no biases")
+      raise ValueError(f"{name}={get(name)!r} is unsupported: the model has no biases")
   if get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={get('hidden_act')!r} is unsupported (only 'silu')")
   if get("attention_dropout", 0.0):
     raise ValueError(f"attention_dropout={get('attention_dropout')} is unsupported (no dropout)")
-  heads, hidden = hf_config.num_attention_heads, hf_config.hidden_size
-  kv_heads = get("num_key_value_heads") or heads
-  if kv_heads != heads:
-    raise ValueError(
-      f"grouped-query attention (num_key_value_heads={kv_heads} != "
-      f"num_attention_heads={heads}) is unsupported"
-    )
-  if get("head_dim") not in (None, hidden // heads):
-    raise ValueError(f"head_dim={get('head_dim')} != hidden_size / num_attention_heads")
+  for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
+    if not isinstance(get(name), int):
+      raise ValueError(f"{name}={get(name)!r}: the config needs it as an int")
+  heads, hidden = get("num_attention_heads"), get("hidden_size")
+  head_dim = get("head_dim") or 0
   # transformers >= 5 keeps rope in `rope_parameters` (`rope_scaling` is an alias); older
-  # versions use `rope_theta` plus `rope_scaling=None`.
-  rope = get("rope_parameters") or get("rope_scaling") or {}
+  # versions and most config.json files use `rope_theta` plus `rope_scaling` (or None).
+  rope = dict(get("rope_parameters") or get("rope_scaling") or {})
   rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type != "default":
-    raise ValueError(f"rope scaling {dict(rope)} is unsupported (only rope_type 'default')")
+  scaling = None
+  if rope_type == "llama3":
+    try:
+      scaling = Llama3RopeScaling(
+        *(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor")),
+        int(rope["original_max_position_embeddings"]),
+      )
+    except KeyError as e:
+      raise ValueError(f"rope_scaling={rope} (rope_type 'llama3') lacks {e}") from e
+  elif rope_type != "default":
+    raise ValueError(
+      f"rope_scaling={rope} is unsupported (rope_type {rope_type!r}; only 'default' and 'llama3')"
+    )
+  window = get("sliding_window") if model_type == "mistral" else None
   return LlamaConfig(
-    vocab_size=hf_config.vocab_size,
+    vocab_size=get("vocab_size"),
     hidden_dim=hidden,
-    mlp_dim=hf_config.intermediate_size,
+    mlp_dim=get("intermediate_size"),
     num_heads=heads,
-    num_layers=hf_config.num_hidden_layers,
-    rms_norm_eps=hf_config.rms_norm_eps,
+    num_layers=get("num_hidden_layers"),
+    num_kv_heads=get("num_key_value_heads") or heads,
+    explicit_head_dim=0 if head_dim in (0, hidden // heads) else head_dim,
+    tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+    rms_norm_eps=get("rms_norm_eps", 1e-6),
     rope_base=float(rope.get("rope_theta", get("rope_theta") or 10000.0)),
+    rope_scaling=scaling,
+    sliding_window=window or 0,
     init_std=get("initializer_range", 0.02),
     **fields,
+  )
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+  """The ``config.json`` dict of a ``LlamaForCausalLM`` with our config's shapes and numerics."""
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_base}
+  if config.rope_scaling is not None:
+    rope = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+  out = {
+    "architectures": ["MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"],
+    "model_type": "mistral" if config.sliding_window else "llama",
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.hidden_dim,
+    "intermediate_size": config.mlp_dim,
+    "num_attention_heads": config.num_heads,
+    "num_key_value_heads": config.kv_heads,
+    "num_hidden_layers": config.num_layers,
+    "head_dim": config.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": config.rms_norm_eps,
+    "rope_theta": config.rope_base,
+    "rope_scaling": rope if config.rope_scaling is not None else None,
+    "tie_word_embeddings": config.tie_word_embeddings,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": config.init_std,
+    "torch_dtype": jnp.dtype(config.param_dtype).name,
+  }
+  if config.rope_scaling is not None:
+    # transformers checks original_max_position_embeddings < max_position_embeddings.
+    out["max_position_embeddings"] = 2 * config.rope_scaling.original_max_position_embeddings
+  if config.sliding_window:
+    out["sliding_window"] = config.sliding_window
+  else:
+    out["mlp_bias"] = False
+  return out
+
+
+def hf_param_keys(config: LlamaConfig) -> list[tuple[tuple[Any, ...], str, bool]]:
+  """``(our param path, HF tensor name, transpose)`` for every tensor of a checkpoint.
+
+  With ``scan_layers`` the N layer tensors of one name share one path (stacked ``[N, ...]``),
+  in layer order. A tied model has no ``lm_head.weight``.
+  """
+  globals_ = {p: v for p, v in _HF_GLOBAL_KEYS.items() if p[0] != "lm_head"}
+  if not config.tie_word_embeddings:
+    globals_[("lm_head", "kernel")] = _HF_GLOBAL_KEYS[("lm_head", "kernel")]
+  pairs = [(path, key, t) for path, (key, t) in globals_.items()]
+  for i in range(config.num_layers):
+    prefix = ("layers",) if config.scan_layers else ("layers", i)
+    pairs += [((*prefix, *p), f"model.layers.{i}.{k}", t) for p, (k, t) in _HF_LAYER_KEYS.items()]
+  return pairs
+
+
+def is_ignored_hf_key(key: str, config: LlamaConfig) -> bool:
+  """Tensors a checkpoint may hold that are not parameters of ours (rotary buffers of old
+  transformers versions; the LM head of a tied model, a copy of the embedding)."""
+  return bool(_HF_IGNORED_KEY.search(key)) or (
+    config.tie_word_embeddings and key == "lm_head.weight"
   )
 
 
@@ -487,12 +669,9 @@ def _hf_params(state_dict: Mapping[str, Any], config: LlamaConfig, abstract: Any
   """Nested pure-dict params (our layout, ``param_dtype``) from an HF state dict."""
   expected = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   stacked = lambda path: config.scan_layers and path[0] == "layers"  # [N, ...] under scan
-  pairs = [(path, key, t) for path, (key, t) in _HF_GLOBAL_KEYS.items()]
-  for i in range(config.num_layers):
-    prefix = ("layers",) if config.scan_layers else ("layers", i)
-    pairs += [((*prefix, *p), f"model.layers.{i}.{k}", t) for p, (k, t) in _HF_LAYER_KEYS.items()]
+  pairs = hf_param_keys(config)
   unexpected = set(state_dict) - {key for _, key, _ in pairs}
-  unexpected = sorted(k for k in unexpected if not _HF_IGNORED_KEY.search(k))
+  unexpected = sorted(k for k in unexpected if not is_ignored_hf_key(k, config))
   if unexpected:
     raise ValueError(f"unexpected keys in the HF state dict: {unexpected}")
   arrays: dict[tuple, list] = {}
@@ -543,13 +722,15 @@ def llama_from_hf(
     ``(config, model)``.
 
   Raises:
-    ValueError: on an HF config we do not model (tied embeddings, biases, rope scaling, GQA,
-      non-silu activation, dropout), or a missing / unexpected key or a shape mismatch.
+    ValueError: on an HF config we do not model (see ``config_from_hf``), or a missing /
+      unexpected key or a shape mismatch.
 
   Example::
 
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(..., tie_word_embeddings=False))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(...))
     config, model = llama_from_hf(hf, scan_layers=True)
+
+  ``train.checkpoint_io.load_hf_pretrained`` reads a checkpoint directory without torch.
   """
   if hasattr(model_or_state_dict, "state_dict"):
     hf_config = hf_config if hf_config is not None else model_or_state_dict.config
@@ -558,7 +739,7 @@ def llama_from_hf(
     state_dict = model_or_state_dict
   if hf_config is None:
     raise ValueError("llama_from_hf needs hf_config when given a state dict")
-  config = _config_from_hf(
+  config = config_from_hf(
     hf_config,
     dtype=dtype,
     param_dtype=param_dtype,

@@ -22,7 +22,17 @@ import ml_collections
 import optax
 from flax import nnx
 
-from train import c4_builder, checkpoint, data, losses, lowrank, metrics, optim, sharding
+from train import (
+  c4_builder,
+  checkpoint,
+  checkpoint_io,
+  data,
+  losses,
+  lowrank,
+  metrics,
+  optim,
+  sharding,
+)
 from train.model import (
   LLAMA_SIZES,
   REMAT_POLICIES,
@@ -69,6 +79,17 @@ class Setup:
 
 def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
   m = config.model
+  if config.get("init_from"):  # shapes and numerics from the checkpoint's config.json
+    try:
+      return checkpoint_io.read_hf_config(
+        config.init_from,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        scan_layers=m.scan_layers,
+        remat_policy=m.remat_policy,
+      )
+    except (OSError, ValueError) as e:
+      raise _field_error("init_from", config.init_from, f"cannot be loaded: {e}") from e
   overrides = {k: m[k] for k in ("hidden_dim", "mlp_dim", "num_heads", "num_layers") if m[k]}
   return llama_config(
     m.size,
@@ -155,6 +176,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not _is_int(value) or (value < 1 and value != -1):
       raise _field_error(f"mesh.{field}", value, "must be an int >= 1, or -1 (all the rest).")
   _check_choice(config, "mesh.distributed", ("auto", "on", "off"))
+  _validate_finetune_fields(config)
+
+
+def _validate_finetune_fields(config: ml_collections.ConfigDict) -> None:
+  """`init_from` / `export_to`: paths (or ""), and no model shape overrides with `init_from`."""
+  for field in ("init_from", "export_to"):
+    if not isinstance(config.get(field, ""), str):
+      raise _field_error(field, config.get(field), "must be a directory path, or '' for none.")
+  if not config.get("init_from"):
+    return
+  for key in ("hidden_dim", "mlp_dim", "num_heads", "num_layers"):
+    if config.model[key]:
+      raise _field_error(
+        f"model.{key}",
+        config.model[key],
+        f"conflicts with config.init_from={config.init_from!r} (the checkpoint's config.json "
+        "sets the shapes); leave it 0.",
+      )
 
 
 def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> None:
@@ -186,11 +225,15 @@ def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> Non
       "data.vocab_path", d.vocab_path, f"is not a usable SentencePiece model: {e}"
     ) from e
   if vocab_size > setup.model_config.vocab_size:
+    model = (
+      f"config.init_from={config.init_from!r}"
+      if config.get("init_from")
+      else f"config.model.size={config.model.size!r}"
+    )
     raise _field_error(
       "data.vocab_path",
       d.vocab_path,
-      f"has {vocab_size} pieces but config.model.size={config.model.size!r} embeds only "
-      f"{setup.model_config.vocab_size} token ids.",
+      f"has {vocab_size} pieces but {model} embeds only {setup.model_config.vocab_size} token ids.",
     )
   for field in ("train_split", "eval_split"):
     try:
@@ -207,6 +250,13 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   """Model graph, optimizer and data locations from a config (nothing allocated)."""
   validate_config(config)
   model_config = model_config_from(config)
+  if config.train.fused_update and model_config.tie_word_embeddings:
+    raise _field_error(
+      "train.fused_update",
+      True,
+      f"needs an untied LM head; config.init_from={config.get('init_from')!r} ties it to the "
+      "embedding (tie_word_embeddings).",
+    )
   abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   optim.validate_optimizer_config(config, abstract_params)
@@ -216,6 +266,16 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   if o.name in lowrank.METHODS:
     reset_every = o.relora_reset_every if o.name == "relora" else 0
     adapter = lowrank.Adapter(o.name, o.rank, o.lora_alpha, model_config.init_std, reset_every)
+  if config.get("init_from") and not config.data.vocab_path:  # the checkpoint's own tokenizer
+    try:
+      vocab = checkpoint_io.find_tokenizer(config.init_from)
+    except FileNotFoundError as e:
+      raise _field_error(
+        "init_from",
+        config.init_from,
+        f"has no tokenizer to train with: {e}. Set config.data.vocab_path to the SentencePiece "
+        "model the checkpoint was trained with.",
+      ) from e
   return Setup(
     model_config,
     graphdef,
@@ -228,13 +288,17 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   )
 
 
-def init_state(setup: Setup, seed: int, layout: sharding.Layout | None = None) -> TrainState:
+def init_state(
+  setup: Setup, seed: int, layout: sharding.Layout | None = None, params: Any = None
+) -> TrainState:
   """A fresh state; with a `layout`, created by one jitted call directly in its shardings (no
-  device ever holds the whole state)."""
+  device ever holds the whole state). `params` (e.g. loaded weights, an `nnx.State` of
+  `nnx.Param`s) replace the random init; the optimizer state is always fresh."""
 
-  def init():
-    model = Llama(setup.model_config, rngs=nnx.Rngs(seed))
-    _, params = nnx.split(model, nnx.Param)
+  def init(params):
+    if params is None:
+      model = Llama(setup.model_config, rngs=nnx.Rngs(seed))
+      _, params = nnx.split(model, nnx.Param)
     params = jax.tree.map(jnp.asarray, params)
     if setup.adapter is not None:  # the factors' own stream, apart from the model's
       key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
@@ -243,7 +307,37 @@ def init_state(setup: Setup, seed: int, layout: sharding.Layout | None = None) -
       jnp.zeros([], jnp.int32), params, setup.tx.init(params), jax.random.PRNGKey(seed)
     )
 
-  return init() if layout is None else jax.jit(init, out_shardings=layout.state)()
+  if layout is None:
+    return init(params)
+  donate = () if params is None else (0,)  # loaded weights: moved into place, not copied
+  return jax.jit(init, out_shardings=layout.state, donate_argnums=donate)(params)
+
+
+def load_init_params(config: ml_collections.ConfigDict, setup: Setup) -> Any:
+  """The `nnx.Param` state of `config.init_from`'s weights (None without `init_from`)."""
+  if not config.get("init_from"):
+    return None
+  m = config.model
+  loaded_config, model = checkpoint_io.load_hf_pretrained(
+    config.init_from,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    scan_layers=m.scan_layers,
+    remat_policy=m.remat_policy,
+  )
+  if loaded_config != setup.model_config:  # both come from one config.json
+    raise RuntimeError(f"{config.init_from} changed while the run started")
+  return nnx.state(model, nnx.Param)
+
+
+def export_params(config: ml_collections.ConfigDict, setup: Setup, params: Any) -> Path:
+  """Writes `params` to `config.export_to` as a Hugging Face checkpoint (and the tokenizer)."""
+  if jax.process_count() > 1:
+    raise _field_error("export_to", config.export_to, "is supported in single-process runs only.")
+  model = nnx.merge(setup.graphdef, jax.device_get(params))
+  return checkpoint_io.save_hf_pretrained(
+    setup.model_config, model, config.export_to, tokenizer_path=setup.vocab_path
+  )
 
 
 def make_layout(
@@ -260,7 +354,7 @@ def _loss(graphdef, params, tokens_BxL, chunk_size: int = 0):
   if not chunk_size:
     return next_token_loss(model(tokens_BxL), tokens_BxL)
   h_BxLxD = model.hidden_states(tokens_BxL)
-  kernel_DxV = model.lm_head.kernel[...].astype(h_BxLxD.dtype)
+  kernel_DxV = model.head_kernel().astype(h_BxLxD.dtype)
   return losses.chunked_next_token_loss(h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=chunk_size)
 
 
@@ -393,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   with open(logdir / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
-  state = init_state(setup, t.seed, layout)
+  state = init_state(setup, t.seed, layout, load_init_params(config, setup))
   train_iter = data.make_train_iterator(
     setup.data_dir,
     split=config.data.train_split,
@@ -461,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   model_params = jax.eval_shape(setup.model_params, state.params)  # (adapters: the kernels)
   adamw_bytes = optim.state_bytes(optim._adamw(1.0, config.optimizer), model_params)
   summary = {
-    "model": config.model.size,
+    "model": config.model.size if not config.get("init_from") else f"({config.init_from})",
     "params": counts["total"],
     "galore_target_params": counts["galore_target"],
     "optimizer": config.optimizer.name,
@@ -558,6 +652,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     **last_eval,
     **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
   }
+  if config.get("export_to") and int(state.step) == t.num_steps:
+    final["exported_to"] = os.fspath(export_params(config, setup, state.params))
+    print(f"Exported the fine-tuned model to {final['exported_to']}")
   writer.write_final(final)
   png = metrics.plot_curves(logdir)
   metrics.print_end_summary(final, png, logdir)
@@ -577,7 +674,9 @@ __all__ = [
   "TrainingDiverged",
   "build",
   "evaluate",
+  "export_params",
   "init_state",
+  "load_init_params",
   "load_metrics",
   "make_layout",
   "make_train_step",

@@ -1,0 +1,294 @@
+"""Hugging Face checkpoint directories in and out: LLaMA-family weights without torch.
+
+`load_hf_pretrained` reads a local directory as `transformers` writes it (`config.json` plus
+`model.safetensors`, or shards listed in `model.safetensors.index.json`) with the `safetensors`
+package alone, one tensor at a time: each tensor is read, transposed to Flax's `(in, out)`,
+cast to the parameter dtype and moved to the device before the next is read (stacked layers
+are filled into one `[N, ...]` buffer), so the checkpoint is never held twice in host memory.
+bf16, fp16 and fp32 tensors on disk are accepted.
+
+`save_hf_pretrained` writes the inverse: a directory that `transformers.LlamaForCausalLM` (and
+`MistralForCausalLM` for a sliding-window model) loads with `from_pretrained`, sharded like
+transformers' `max_shard_size`.
+
+Example::
+
+  config, model = load_hf_pretrained("llama-dir", dtype="bfloat16", param_dtype="bfloat16",
+                                     scan_layers=True)
+  ... fine-tune ...
+  save_hf_pretrained(config, model, "llama-dir-tuned", tokenizer_path="llama-dir/tokenizer.model")
+
+References: GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection
+(https://arxiv.org/abs/2403.03507).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.typing import DTypeLike
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from train.model import (
+  Llama,
+  LlamaConfig,
+  config_from_hf,
+  config_to_hf,
+  hf_param_keys,
+  is_ignored_hf_key,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"  # SentencePiece (LLaMA-1/2, Mistral); LLaMA-3 has none
+_DISK_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+
+def read_hf_config(path: str | os.PathLike, **fields: Any) -> LlamaConfig:
+  """Our `LlamaConfig` from `path/config.json` (fields: dtype, param_dtype, scan_layers, ...).
+
+  Raises:
+    FileNotFoundError: `path` is not a directory or has no `config.json`.
+    ValueError: the config is not valid JSON, or has a field we do not model (named).
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"{path} is not a directory (expected a Hugging Face checkpoint)")
+  file = path / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a Hugging Face checkpoint")
+  try:
+    hf_config = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file} is not valid JSON: {e}") from e
+  try:
+    return config_from_hf(hf_config, **fields)
+  except ValueError as e:
+    raise ValueError(f"{file}: {e}") from e
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+  """Tensor name -> safetensors file that holds it."""
+  if (path / INDEX_FILE).is_file():
+    index = json.loads((path / INDEX_FILE).read_text())
+    if "weight_map" not in index:
+      raise ValueError(f"{path / INDEX_FILE} has no 'weight_map'")
+    files = {name: path / file for name, file in index["weight_map"].items()}
+    for file in sorted(set(files.values())):
+      if not file.is_file():
+        raise FileNotFoundError(f"{path / INDEX_FILE} lists {file.name}, which is missing")
+    return files
+  if (path / WEIGHTS_FILE).is_file():
+    with safe_open(path / WEIGHTS_FILE, "np") as f:
+      return {name: path / WEIGHTS_FILE for name in f.keys()}  # noqa: SIM118 (not a dict)
+  other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+  hint = f" (found {other}: torch pickles are not read; re-save with safetensors)" if other else ""
+  raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
+
+
+def _np_dtype(dtype: DTypeLike) -> np.dtype:
+  return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(dtype)
+
+
+def load_hf_pretrained(
+  path: str | os.PathLike,
+  *,
+  dtype: DTypeLike = jnp.float32,
+  param_dtype: DTypeLike = jnp.float32,
+  scan_layers: bool = False,
+  remat_policy: str = "none",
+) -> tuple[LlamaConfig, Llama]:
+  """Our config and model from a local Hugging Face LLaMA / Mistral checkpoint directory.
+
+  Args:
+    path: directory with `config.json` and `model.safetensors` or a sharded
+      `model.safetensors.index.json` (as `save_pretrained(..., safe_serialization=True)`).
+    dtype, param_dtype, scan_layers, remat_policy: as in `LlamaConfig`; tensors on disk (bf16,
+      fp16 or fp32) are cast to `param_dtype`.
+
+  Returns:
+    `(config, model)`; nothing is randomly initialised.
+
+  Raises:
+    FileNotFoundError: a missing directory, config, weights file or shard.
+    ValueError: a config field we do not model, a missing / unexpected tensor, a shape
+      mismatch or an unsupported dtype on disk, each naming the tensor and its file.
+  """
+  path = Path(path)
+  config = read_hf_config(
+    path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy
+  )
+  files = _weight_map(path)
+  pairs = hf_param_keys(config)
+  unexpected = sorted(set(files) - {k for _, k, _ in pairs})
+  unexpected = [k for k in unexpected if not is_ignored_hf_key(k, config)]
+  if unexpected:
+    raise ValueError(f"{path}: unexpected tensors (not in {CONFIG_FILE}'s model): {unexpected}")
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  expected = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  target = _np_dtype(param_dtype)
+  buffers: dict[tuple, np.ndarray] = {}  # stacked [N, ...] layers being filled
+  filled: dict[tuple, int] = {}
+  params: dict = {}
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(safe_open(f, "np")) for f in sorted(set(files.values()))}
+    for param_path, key, transpose in pairs:
+      if key not in files:
+        raise ValueError(f"{path}: missing tensor {key!r} (for {'/'.join(map(str, param_path))})")
+      handle = handles[files[key]]
+      stacked = config.scan_layers and param_path[0] == "layers"
+      shape = expected[param_path][1:] if stacked else expected[param_path]
+      hf_shape = tuple(shape[::-1] if transpose else shape)
+      view = handle.get_slice(key)
+      if tuple(view.get_shape()) != hf_shape or view.get_dtype() not in _DISK_DTYPES:
+        what = (
+          f"shape {tuple(view.get_shape())}, expected {hf_shape} (torch (out, in) layout)"
+          if tuple(view.get_shape()) != hf_shape
+          else f"dtype {view.get_dtype()}, expected one of {sorted(_DISK_DTYPES)}"
+        )
+        raise ValueError(f"{files[key]}: tensor {key!r} has {what}")
+      array = handle.get_tensor(key)
+      array = (array.T if transpose else array).astype(target)
+      if stacked:
+        buf = buffers.setdefault(param_path, np.empty(expected[param_path], target))
+        buf[filled.get(param_path, 0)] = array
+        filled[param_path] = filled.get(param_path, 0) + 1
+        if filled[param_path] < config.num_layers:
+          continue
+        array = buffers.pop(param_path)
+      node = params
+      for name in param_path[:-1]:
+        node = node.setdefault(name, {})
+      node[param_path[-1]] = jnp.asarray(array)
+      del array
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, params)
+  return config, nnx.merge(graphdef, state)
+
+
+def _hf_tensors(config: LlamaConfig, model: Llama):
+  """Yields `(HF name, torch-layout numpy array)` one tensor at a time."""
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  layer = {}
+  for param_path, key, transpose in hf_param_keys(config):
+    value = flat[param_path][...]
+    if config.scan_layers and param_path[0] == "layers":
+      i = layer[param_path] = layer.get(param_path, -1) + 1
+      value = value[i]
+    array = np.asarray(jax.device_get(value))
+    yield key, np.ascontiguousarray(array.T if transpose else array)
+
+
+def save_hf_pretrained(
+  config: LlamaConfig,
+  model: Llama,
+  path: str | os.PathLike,
+  *,
+  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+  tokenizer_path: str | os.PathLike | None = None,
+) -> Path:
+  """Writes `model` as a Hugging Face checkpoint directory (`config.json`, safetensors).
+
+  Tensors keep the parameters' dtype (bf16 / fp16 / fp32). Shards hold at most
+  `max_shard_bytes` each (a larger single tensor gets its own shard), named and indexed as
+  transformers names them; one shard is written as `model.safetensors`. Host memory holds at
+  most one shard's tensors at a time.
+
+  Args:
+    config: the model's config (`model.config`).
+    model: the model (any `scan_layers` layout).
+    path: output directory; created, and existing checkpoint files in it are overwritten.
+    max_shard_bytes: largest shard size in bytes.
+    tokenizer_path: a SentencePiece model copied in as `tokenizer.model`, or None.
+
+  Returns:
+    The directory.
+  """
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  # Plan the shards from shapes alone, then write each one.
+  sizes = []
+  for param_path, key, _ in hf_param_keys(config):
+    var = flat[param_path]
+    n = (
+      var.size // config.num_layers
+      if config.scan_layers and param_path[0] == "layers"
+      else var.size
+    )
+    sizes.append((key, n * jnp.dtype(var.dtype).itemsize))
+  shards: list[list[str]] = [[]]
+  used = 0
+  for key, nbytes in sizes:
+    if shards[-1] and used + nbytes > max_shard_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(key)
+    used += nbytes
+  names = (
+    [WEIGHTS_FILE]
+    if len(shards) == 1
+    else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
+  shard_of = {key: i for i, keys in enumerate(shards) for key in keys}
+  for stale in [path / WEIGHTS_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
+    stale.unlink(missing_ok=True)
+  pending: dict[str, np.ndarray] = {}
+  current = 0
+  for key, array in _hf_tensors(config, model):
+    if shard_of[key] != current:
+      save_file(pending, path / names[current], metadata={"format": "pt"})
+      pending, current = {}, shard_of[key]
+    pending[key] = array
+  save_file(pending, path / names[current], metadata={"format": "pt"})
+  if len(shards) > 1:
+    index = {
+      "metadata": {"total_size": sum(n for _, n in sizes)},
+      "weight_map": {key: names[shard_of[key]] for key, _ in sizes},
+    }
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+  (path / CONFIG_FILE).write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+  if (
+    tokenizer_path is not None
+    and Path(tokenizer_path).resolve() != (path / TOKENIZER_FILE).resolve()
+  ):
+    shutil.copyfile(tokenizer_path, path / TOKENIZER_FILE)
+  return path
+
+
+def find_tokenizer(path: str | os.PathLike) -> Path:
+  """The SentencePiece `tokenizer.model` of a checkpoint directory.
+
+  Raises:
+    FileNotFoundError: there is none (e.g. LLaMA-3's tiktoken-style `tokenizer.json` only),
+      with what the directory has instead.
+  """
+  path = Path(path)
+  if (path / TOKENIZER_FILE).is_file():
+    return path / TOKENIZER_FILE
+  others = sorted(p.name for p in path.glob("tokenizer*"))
+  raise FileNotFoundError(
+    f"{path} has no SentencePiece {TOKENIZER_FILE}"
+    + (f" (it has {others}: only SentencePiece tokenizers are supported)" if others else "")
+  )
+
+
+__all__ = [
+  "find_tokenizer",
+  "load_hf_pretrained",
+  "read_hf_config",
+  "save_hf_pretrained",
+]
