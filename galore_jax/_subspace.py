@@ -323,9 +323,7 @@ def _concrete(value):
 
 def check_energy_tol(energy_tol, max_power_iters) -> None:
   """ValueErrors naming `energy_tol` / `max_power_iters` for concrete out-of-range values."""
-  if isinstance(energy_tol, bool):
-    energy_tol = np.nan
-  tol = _concrete(energy_tol)
+  tol = _concrete(np.nan if isinstance(energy_tol, bool) else energy_tol)
   if tol is not None and not (np.issubdtype(tol.dtype, np.number) and 0 < float(tol) < 1):
     raise ValueError(
       f"energy_tol must be None (fixed power_iters) or a number in (0, 1), the fraction of the "
