@@ -491,7 +491,7 @@ def marchenko_pastur_singular_values(d: int, e: int) -> np.ndarray:
   divided by `sqrt(max(d, e))`: the Marchenko–Pastur law, support `1 ± sqrt(c)`, `c = d/e <= 1`."""
   c = min(d, e) / max(d, e)
   lo, hi = (1 - np.sqrt(c)) ** 2, (1 + np.sqrt(c)) ** 2
-  lam = np.linspace(lo, hi, 200_001)
+  lam = np.linspace(lo, hi, 200_001)[1:]  # open at lo: the density has a 1/λ pole at 0 when c = 1
   dens = np.sqrt(np.maximum((hi - lam) * (lam - lo), 0.0)) / (2 * np.pi * c * lam)
   cdf = np.cumsum(dens)
   cdf /= cdf[-1]
