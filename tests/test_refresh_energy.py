@@ -280,3 +280,21 @@ def test_trainer_config_validates_energy_options(field, value, match):
   c.optimizer.energy_tol = 0.99  # subspace_method="svd"
   with pytest.raises(ValueError, match="config.optimizer.energy_tol=0.99 needs subspace_method"):
     optim.validate_optimizer_config(c, params)
+
+
+def test_trainer_logs_refresh_iterations_and_certificate(tmp_path):
+  """A tiny run with energy_tol: metrics.jsonl holds one refresh record per refresh step (the
+  optimizer counts 0 and 3 with update_proj_gap=3: steps 1 and 4), with values in range."""
+  from test_train import tiny_config  # noqa: PLC0415 (the shared tiny config)
+
+  from train import trainer  # noqa: PLC0415
+
+  c = tiny_config(str(data.ensure_bundled_prepared(tmp_path / "c4")), num_steps=4)
+  c.train.update(eval_every=4, checkpoint_every=4)
+  c.optimizer.update(subspace_method="randomized", energy_tol=0.99, max_power_iters=3)
+  trainer.train_and_evaluate(c, tmp_path / "run")
+  recs = [r for r in trainer.load_metrics(tmp_path / "run") if "refresh_iters_max" in r]
+  assert [r["step"] for r in recs] == [1, 4]
+  for r in recs:
+    assert 1 <= r["refresh_iters_mean"] <= r["refresh_iters_max"] <= 4  # cold: COLD_POWER_ITERS
+    assert 0 < r["refresh_energy_min"] <= r["refresh_energy_mean"] <= 1
