@@ -11,6 +11,10 @@ Parts (run one, or `all`):
              (attention + MLP kernels), cold and warm from the exact basis of a step Δ earlier;
              plus the sign statistics of successive exact bases (canonical vs aligned signs).
   finish     alternative final (Rayleigh–Ritz) steps: energy and time.
+  energy     time and captured energy of the exact SVD, the randomized refresh with fixed
+             iterations and the adaptive one (`energy_tol`, certified), on spectra 1/k^a
+             (a = 0.5, 1, 2), geometric and flat+noise at 2048x5504 r=256 and the 7B shapes
+             r=1024 (`--energy-shapes`), plus the issue's 1/k + noise matrix at 2048x5504.
 
 Definitions (per matrix, projector P `D x r` on the reduced side of `std`, exact top-r `U_r`):
   energy = ‖Pᵀ G‖² / ‖U_rᵀ G‖²  (1 = as good as the exact SVD for this gradient);
@@ -470,9 +474,134 @@ def part_speed(args) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Accuracy-controlled refresh (energy_tol).
+
+# name: (D, E, r) of the `energy` part: the issue's matrix and the 7B attention / MLP shapes.
+ENERGY_SHAPES = {
+  "2048x5504": (2048, 5504, 256),
+  "4096x4096": (4096, 4096, 1024),
+  "4096x11008": (4096, 11008, 1024),
+}
+ENERGY_SPECTRA = ("power-0.5", "power-1", "power-2", "geometric", "flat+noise")
+
+
+def marchenko_pastur_singular_values(d: int, e: int) -> np.ndarray:
+  """The `min(d, e)` quantiles (descending) of the singular values of a `d x e` Gaussian matrix
+  divided by `sqrt(max(d, e))`: the Marchenko–Pastur law, support `1 ± sqrt(c)`, `c = d/e <= 1`."""
+  c = min(d, e) / max(d, e)
+  lo, hi = (1 - np.sqrt(c)) ** 2, (1 + np.sqrt(c)) ** 2
+  lam = np.linspace(lo, hi, 200_001)[1:]  # open at lo: the density has a 1/λ pole at 0 when c = 1
+  dens = np.sqrt(np.maximum((hi - lam) * (lam - lo), 0.0)) / (2 * np.pi * c * lam)
+  cdf = np.cumsum(dens)
+  cdf /= cdf[-1]
+  n = min(d, e)
+  return np.sqrt(np.interp((np.arange(n) + 0.5) / n, cdf, lam))[::-1]
+
+
+def energy_spectrum(kind: str, d: int, e: int, r: int) -> np.ndarray:
+  """Spectra of the `energy` part; `flat+noise`: `r/2` unit values on top of the singular
+  values of Gaussian noise of spectral norm ~0.48 (Marchenko–Pastur quantiles)."""
+  if kind.startswith("power-"):  # 1/k^a
+    return (1.0 + np.arange(min(d, e))) ** -float(kind.split("-")[1])
+  if kind == "geometric":
+    return spectrum("exponential", min(d, e), r)
+  if kind == "flat+noise":
+    noise = 0.3 * marchenko_pastur_singular_values(d, e)
+    return np.sort(np.concatenate([np.ones(r // 2), noise])[: min(d, e)])[::-1]
+  raise ValueError(kind)
+
+
+def _energy_rows(g, s_top_sq, r, svd_cpu, args):
+  """(label, settings, iterations, certificate, energy, CPU s) of each randomized variant."""
+  rows = []
+  cold_fn = _subspace.make_refresh_fn("randomized", r, 8, 1)  # first refresh: COLD_POWER_ITERS
+  cold = jax.jit(lambda g, prev, key: cold_fn(g, (prev,), "in", key)[0])
+  key = jax.random.key(0)
+  zeros = jnp.zeros((g.shape[0], r), jnp.float32)
+  c_cold = cold.lower(g, zeros, key).compile()
+  # The previous refresh: a cold one of the same matrix (the issue's second update).
+  prev = c_cold(g, zeros, key)
+  captured = jax.jit(lambda g, p: jnp.sum(_subspace._mm(_subspace._t(p), g) ** 2))
+  variants = [("fixed", dict(power_iters=1)), ("fixed", dict(power_iters=2))]
+  variants += [("adaptive", dict(power_iters=1, energy_tol=t)) for t in args.energy_tols]
+  for label, kw in variants:
+    fn = _subspace.make_refresh_fn(
+      "randomized",
+      r,
+      8,
+      kw["power_iters"],
+      energy_tol=kw.get("energy_tol"),
+      max_power_iters=args.max_power_iters,
+    )
+    f = jax.jit(lambda g, prev, k, fn=fn: fn(g, (prev,), "in", k))
+    compiled = f.lower(g, prev, jax.random.key(1)).compile()
+    _, cpu = _timed(compiled, (g, prev, jax.random.key(1)), args.repeats)
+    out = compiled(g, prev, jax.random.key(1))
+    if "energy_tol" in kw:
+      (basis,), (st,) = out
+      its, cert = int(st.iterations), f"{float(st.energy_estimate):.4f}"
+      setting = f"tol={kw['energy_tol']} max={args.max_power_iters}"
+    else:
+      (basis,), its, cert = out, kw["power_iters"], ""
+      setting = f"q={kw['power_iters']}"
+    energy = float(captured(g, basis)) / s_top_sq
+    rows.append((f"randomized {label}", setting, its, cert, energy, cpu))
+  return rows
+
+
+def part_energy(args) -> None:
+  """Time and captured energy: exact SVD vs randomized fixed and adaptive (`energy_tol`)."""
+  print("\n### Accuracy-controlled refresh: time and captured energy vs the exact SVD\n")
+  print("Matrices `U diag(s) Vᵀ` (Haar U, V; float32), warm start from a cold randomized refresh")
+  print("of the same matrix (the issue's second update). energy: ‖Pᵀ G‖² / exact top-r energy;")
+  print("certified: the certificate η̂ (<= energy); CPU s: process CPU seconds, compile excluded,")
+  print(f"best of {args.repeats}. `issue`: singular values 1/k (k <= 600) plus 1e-3 Gaussian")
+  print("noise (exact energy from float32 singular values).\n")
+  print(
+    "| shape | r | spectrum | method | settings | iterations | certified | energy | CPU s |"
+    " CPU vs SVD |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for name in args.energy_shapes.split(","):
+    d, e, r = ENERGY_SHAPES[name]
+    n = min(d, e)
+    u = jnp.linalg.qr(jax.random.normal(jax.random.key(10), (d, n)))[0]
+    v = jnp.linalg.qr(jax.random.normal(jax.random.key(11), (e, n)))[0]
+    build = jax.jit(lambda s, u=u, v=v: _subspace._mm(u * s, _subspace._t(v)))
+    svd_cpu = None
+    kinds = list(ENERGY_SPECTRA) + (["issue"] if name == "2048x5504" else [])
+    for kind in kinds:
+      if kind == "issue":
+        s = np.where(np.arange(n) < 600, 1.0 / (1.0 + np.arange(n)), 0.0)
+        noise = 1e-3 * jax.random.normal(jax.random.key(12), (d, e))
+        g = build(jnp.asarray(s, jnp.float32)) + noise
+        s_top_sq = float(np.sum(np.asarray(jnp.linalg.svd(g, compute_uv=False))[:r] ** 2.0))
+      else:
+        s = energy_spectrum(kind, d, e, r)
+        g = build(jnp.asarray(s, jnp.float32))
+        s_top_sq = float(np.sum(s[:r] ** 2))
+      if svd_cpu is None:  # the exact SVD's time does not depend on the spectrum: once a shape
+        svd = jax.jit(lambda g, r=r: projection.svd_projectors(g, "in", r)[0])
+        compiled = svd.lower(g).compile()
+        _, svd_cpu = _timed(compiled, (g,), 1)
+        print(f"| {name} | {r} | (any) | svd (exact) | | | | 1 | {svd_cpu:.2f} | 1 |", flush=True)
+      for label, setting, its, cert, energy, cpu in _energy_rows(g, s_top_sq, r, svd_cpu, args):
+        print(
+          f"| {name} | {r} | {kind} | {label} | {setting} | {its} | {cert} | {energy:.4f} | "
+          f"{cpu:.2f} | {cpu / svd_cpu:.3f} |",
+          flush=True,
+        )
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("part", choices=["speed", "synthetic", "real", "finish", "all"])
+  ap.add_argument("part", choices=["speed", "synthetic", "real", "finish", "energy", "all"])
+  ap.add_argument("--energy-shapes", default=",".join(ENERGY_SHAPES), help="energy part")
+  ap.add_argument(
+    "--energy-tols", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.99,)
+  )
+  ap.add_argument("--max-power-iters", type=int, default=_subspace.DEFAULT_MAX_POWER_ITERS)
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--svd-repeats-7b", type=int, default=1)
@@ -503,6 +632,7 @@ def main() -> None:
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs ({cpu})")
   parts = {"speed": part_speed, "synthetic": part_synthetic, "real": part_real}
   parts["finish"] = part_finish
+  parts["energy"] = part_energy
   for part in parts if args.part == "all" else (args.part,):
     parts[part](args)
 

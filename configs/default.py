@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.subspace_method = "svd"  # svd (exact) | randomized (warm-started range finder)
   c.optimizer.oversample = 8  # randomized: extra sketch columns
   c.optimizer.power_iters = 1  # randomized: subspace iterations
+  # randomized: certified fraction of the exact top-r energy to iterate to (e.g. 0.99), per
+  # matrix, up to max_power_iters; 0 = off (fixed power_iters). Logged at refreshes.
+  c.optimizer.energy_tol = 0.0
+  c.optimizer.max_power_iters = 8  # randomized with energy_tol: most subspace iterations
   c.optimizer.on_refresh = "keep"  # moments at a refresh: keep (reference) | reset | rotate
   c.optimizer.align_signs = False  # flip new basis vectors to agree with the previous ones
   # 8-bit optimizers: embedding and head moments stay float32 (bitsandbytes' advice, see README)

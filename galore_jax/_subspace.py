@@ -20,9 +20,11 @@ References:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from galore_jax import projection
 
@@ -32,6 +34,10 @@ SIGNS = ("canonical", "align")
 # Iterations of a cold start (no previous basis): it happens once, at the first refresh, and a
 # random start needs more iterations than a warm one to converge (benchmarks/subspace_refresh.py).
 COLD_POWER_ITERS = 4
+
+# Upper bound of the adaptive (`energy_tol`) iterations unless given (benchmarks/subspace_refresh.py
+# `adaptive`: the certificate of a 1/k spectrum at 2048 x 5504, r=256, settles within it).
+DEFAULT_MAX_POWER_ITERS = 8
 
 # Products of orthonormal factors must stay orthonormal to float32 accuracy: never let an
 # accelerator's default (TF32 / one bf16 pass) precision round them.
@@ -127,6 +133,120 @@ def _cold_iters(power_iters: int, cold_power_iters: int | None) -> int:
   return max(power_iters, COLD_POWER_ITERS) if cold_power_iters is None else cold_power_iters
 
 
+# Block power steps (block of `_RHO_BLOCK` columns) estimating the residual's spectral norm for
+# the energy certificate: each costs `2 * _RHO_BLOCK` matrix-vector products, a few percent of
+# one subspace iteration's `2 k` at GaLore's ranks.
+_RHO_STEPS = 4
+_RHO_BLOCK = 4
+
+
+class RefreshStats(NamedTuple):
+  """What a refresh reports per matrix (arrays shaped like the batch axes)."""
+
+  iterations: jax.Array  # int32: subspace iterations run (0 for the exact SVD)
+  energy_estimate: jax.Array  # float32: certified fraction of the exact top-r energy (1 for SVD)
+
+
+def _residual_norm(a_DxE, x_DxK, w_ExK, key) -> jax.Array:
+  """Block power estimate of `‖(I - x xᵀ) a‖₂` (`w = aᵀ x`), per matrix: a lower estimate."""
+  batch = a_DxE.shape[:-2]
+  e = a_DxE.shape[-1]
+  v = _gaussian(key, (*batch, e, _RHO_BLOCK))
+  res = lambda v: _mm(a_DxE, v) - _mm(x_DxK, _mm(_t(w_ExK), v))  # R v
+  res_t = lambda u: _mm(_t(a_DxE), u) - _mm(w_ExK, _mm(_t(x_DxK), u))  # Rᵀ u
+  v = jax.lax.fori_loop(0, _RHO_STEPS - 1, lambda _, v: _orth(res_t(res(_orth(v)))), v)
+  return jnp.linalg.svd(res(_orth(v)), compute_uv=False)[..., 0]
+
+
+def _certificate(a_DxE, x_DxK, r: int, a_sq, key):
+  """`(z = orth(aᵀ x), η̂)`: the certified energy fraction of `P = x[:, :r]` (see
+  `adaptive_left_basis`) and the row-space basis the next iteration needs."""
+  w_ExK = _mm(_t(a_DxE), x_DxK)
+  z_ExK, rw_KxK = jnp.linalg.qr(w_ExK, mode="reduced")
+  captured = jnp.sum(w_ExK[..., :r] ** 2, axis=(-2, -1))  # ‖Pᵀ a‖², exact
+  sv = jnp.linalg.svd(rw_KxK, compute_uv=False)  # singular values of xᵀ a
+  top = jnp.sum(sv[..., :r] ** 2, axis=-1)
+  tail_f = jnp.maximum(a_sq - jnp.sum(sv**2, axis=-1), 0.0)  # ‖(I - x xᵀ) a‖_F²
+  rho = _residual_norm(a_DxE, x_DxK, w_ExK, key)
+  bound = top + jnp.minimum(r * rho**2, tail_f)
+  est = jnp.where(bound > 0, captured / jnp.where(bound > 0, bound, 1.0), 1.0)
+  return z_ExK, jnp.minimum(est, 1.0)
+
+
+def adaptive_left_basis(
+  a_DxE: jax.Array,
+  prev_DxR: jax.Array,
+  oversample: int,
+  min_iters,
+  max_iters,
+  energy_tol,
+  key: jax.Array,
+  cold_min_iters=None,
+) -> tuple[jax.Array, RefreshStats]:
+  r"""`randomized_left_basis` with as many iterations as a certified energy fraction needs.
+
+    Each iteration is `x <- Q U` with `Q, R = qr(a z)`, `z = orth(aᵀ x)`, `U` the left singular
+    vectors of `R` (row-space Rayleigh–Ritz: the first `r` columns of `x` are the candidate
+    basis `P`). After each one, with `w = aᵀ x` (the next iteration's first product, so the
+    check costs no extra pass over `a` but the `ρ̂` power steps):
+
+    .. math::
+      \hat\eta = rac{\|P^	op a\|_F^2}
+        {\sum_{i \le r} \sigma_i(x^	op a)^2 + \min(r\,\hat
+  ho^2,\ \|a\|_F^2 - \|x^	op a\|_F^2)}
+
+    where `ρ̂` estimates `‖R‖₂`, `R = (I - x xᵀ) a`. Since `aᵀa = aᵀ x xᵀ a + Rᵀ R`, Ky Fan's
+    inequality bounds the exact top-`r` energy `E* = Σ_{i<=r} σ_i(a)²` by the denominator with
+    `ρ̂ = ‖R‖₂`, and `Σ_{i<=r} λ_i(RᵀR) <= min(r ‖R‖₂², ‖R‖_F²)`. So `η̂ <= ‖Pᵀa‖² / E*`: a
+    certificate, rigorous up to `ρ̂` (a block power estimate, `_RHO_STEPS` steps, from below;
+    `r ρ̂²` is seldom the binding term). It is loose by at most the denominator's excess,
+    `true - η̂ <= η (min(r ρ², ‖R‖_F²) + top - E*) / E*`, which vanishes as the spectrum decays
+    past `k = r + p`; for slow spectra (`σ_{k+1} ≈ σ_r`) no `k`-column sketch can certify
+    much, and the loop runs to `max_iters`.
+
+    The loop stops when `η̂ >= energy_tol` after at least `min_iters` iterations (warm) or
+    `cold_min_iters` (cold: `prev` all zeros), or at `max_iters`. With batch axes, each matrix
+    stops on its own (later iterations leave it unchanged) and reports its own count.
+
+    Returns:
+      `(basis [..., D, r] float32 with the canonical sign, RefreshStats)`.
+  """
+  d, e = a_DxE.shape[-2:]
+  r = prev_DxR.shape[-1]
+  k = min(r + oversample, d, e)
+  batch = a_DxE.shape[:-2]
+  k_omega, k_rho = jax.random.split(key)
+  omega = _gaussian(k_omega, (*batch, d, k)) / jnp.sqrt(jnp.float32(d))
+  warm = jnp.any(prev_DxR != 0, axis=(-2, -1))
+  start = jnp.concatenate([prev_DxR.astype(jnp.float32), omega[..., : k - r]], axis=-1)
+  x = jnp.where(warm[..., None, None], start, omega)
+  cold_min = _cold_iters(min_iters, None) if cold_min_iters is None else cold_min_iters
+  lo = jnp.where(warm, min_iters, cold_min)
+  hi = jnp.maximum(max_iters, lo)
+  a_sq = jnp.sum(a_DxE**2, axis=(-2, -1))
+
+  def advance(x, z):
+    q, rr = jnp.linalg.qr(_mm(a_DxE, z), mode="reduced")
+    return _mm(q, jnp.linalg.svd(rr, full_matrices=True)[0])
+
+  def running(j, est):
+    return (j < hi) & ((j < lo) | (est < energy_tol))
+
+  def body(c):
+    x, z, est, j = c
+    go = running(j, est)
+    x_new = advance(x, z)
+    z_new, est_new = _certificate(a_DxE, x_new, r, a_sq, jax.random.fold_in(k_rho, j.max()))
+    keep = lambda new, old: jnp.where(go.reshape(go.shape + (1,) * (new.ndim - go.ndim)), new, old)
+    return keep(x_new, x), keep(z_new, z), keep(est_new, est), j + go.astype(jnp.int32)
+
+  z, est = _certificate(a_DxE, x, r, a_sq, k_rho)
+  j = jnp.zeros(batch, jnp.int32)
+  x, _, est, j = jax.lax.while_loop(lambda c: jnp.any(running(c[3], c[2])), body, (x, z, est, j))
+  basis = projection.canonical_sign(x[..., :r])
+  return basis, RefreshStats(j, est.astype(jnp.float32))
+
+
 def align_signs(new_DxR: jax.Array, prev_DxR: jax.Array) -> jax.Array:
   """Flips each new column whose dot product with the matching previous column is negative.
 
@@ -144,16 +264,26 @@ def make_refresh_fn(
   *,
   cold_power_iters: int | None = None,
   sign: str = "canonical",
+  energy_tol=None,
+  max_power_iters=DEFAULT_MAX_POWER_ITERS,
 ):
   """Returns `refresh(g_IxO, prev, side, key) -> tuple of bases` for a subspace method.
 
   `prev` is the tuple of current bases (zeros before the first refresh) and `side` one of
   `projection.SIDES`. `sign="align"` flips each new vector to agree with the previous one
   (`align_signs`) after the canonical sign; `"canonical"` keeps the canonical sign only.
+  With `energy_tol` (randomized only) the iterations adapt (`adaptive_left_basis`, between
+  `power_iters` and `max_power_iters`) and `refresh` returns `(bases, stats)`, one
+  `RefreshStats` per basis. `energy_tol` and `max_power_iters` may be traced (injected).
   """
   if sign not in SIGNS:
     raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}.")
   if method == "svd":
+    if energy_tol is not None:
+      raise ValueError(
+        f"energy_tol={energy_tol!r} applies to subspace_method='randomized' only (the exact SVD "
+        "captures all of the top-r energy); leave it None."
+      )
     compute = _svd_refresh(rank)
   elif method == "randomized":
     checks = [("oversample", oversample, 0), ("power_iters", power_iters, 1)]
@@ -162,22 +292,54 @@ def make_refresh_fn(
     for name, value, low in checks:
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-    compute = _randomized_refresh(oversample, power_iters, cold_power_iters)
+    if energy_tol is None:
+      compute = _randomized_refresh(oversample, power_iters, cold_power_iters)
+    else:
+      check_energy_tol(energy_tol, max_power_iters)
+      compute = _adaptive_refresh(
+        oversample, power_iters, cold_power_iters, energy_tol, max_power_iters
+      )
   else:
     raise ValueError(f"subspace_method must be one of {METHODS}, got {method!r}.")
 
   def refresh(g, prev, side, key):
-    bases = compute(g, prev, side, key)
+    out = compute(g, prev, side, key)
+    bases, stats = out if energy_tol is not None else (out, None)
     if sign == "align":
       bases = tuple(align_signs(b, p) for b, p in zip(bases, prev))
-    return bases
+    return bases if stats is None else (bases, stats)
 
   return refresh
 
 
-def refresh_leaves(refresh, leaves: list) -> list:
+def _concrete(value):
+  """`value` as a numpy scalar, or None when it is traced (checked only when concrete)."""
+  try:
+    arr = np.asarray(value)
+  except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+  return arr if arr.shape == () else np.asarray(np.nan)
+
+
+def check_energy_tol(energy_tol, max_power_iters) -> None:
+  """ValueErrors naming `energy_tol` / `max_power_iters` for concrete out-of-range values."""
+  tol = _concrete(np.nan if isinstance(energy_tol, bool) else energy_tol)
+  if tol is not None and not (np.issubdtype(tol.dtype, np.number) and 0 < float(tol) < 1):
+    raise ValueError(
+      f"energy_tol must be None (fixed power_iters) or a number in (0, 1), the fraction of the "
+      f"exact top-r energy to certify (e.g. 0.99); got {energy_tol!r}."
+    )
+  bad = isinstance(max_power_iters, bool)
+  its = _concrete(max_power_iters)
+  if bad or (its is not None and not (np.issubdtype(its.dtype, np.integer) and int(its) >= 1)):
+    raise ValueError(f"max_power_iters must be an int >= 1, got {max_power_iters!r}.")
+
+
+def refresh_leaves(refresh, leaves: list, with_stats: bool = False) -> list:
   """`refresh(g, prev, side, key)` run on one `I x O` matrix at a time over a list of
-  `(g_[batch]xIxO, prev, side, key)`; returns each entry's bases, cast to its `prev`'s dtypes.
+  `(g_[batch]xIxO, prev, side, key)`; returns each entry's bases, cast to its `prev`'s dtypes
+  (with `with_stats`, for a `refresh` returning `(bases, stats)`: each entry's `(bases,
+  stats)`, the stats shaped `[batch...]`).
 
   A batched factorisation of stacked layers `[N, I, O]` holds the float32 copies and factors of
   all `N` matrices at once, and XLA schedules independent factorisations of separate leaves side
@@ -205,21 +367,27 @@ def refresh_leaves(refresh, leaves: list) -> list:
     ]
 
     def one(g, prev, k, side=side):
-      return tuple(b.astype(o.dtype) for b, o in zip(refresh(g, prev, side, k), prev))
+      res = refresh(g, prev, side, k)
+      bases, stats = res if with_stats else (res, ())
+      return tuple(b.astype(o.dtype) for b, o in zip(bases, prev)), stats
 
     if len(picks) == 1:
-      bases = tuple(b[None] for b in one(*picks[0](), entries[0][2][0]))
+      bases, stats = jax.tree.map(lambda b: b[None], one(*picks[0](), entries[0][2][0]))
     else:
       keys = jnp.stack([k for *_, ks in entries for k in ks])
-      bases = jax.lax.map(
+      bases, stats = jax.lax.map(
         lambda a, picks=picks, one=one: one(*jax.lax.switch(a[0], picks), a[1]),
         (jnp.arange(len(picks)), keys),
       )
     start = 0
     for i, _, ks in entries:
-      prev = leaves[i][1]
-      out[i] = tuple(b[start : start + len(ks)].reshape(p.shape) for b, p in zip(bases, prev))
-      start += len(ks)
+      prev, n = leaves[i][1], len(ks)
+      out[i] = tuple(b[start : start + n].reshape(p.shape) for b, p in zip(bases, prev))
+      if with_stats:
+        batch = leaves[i][0].shape[:-2]
+        cut = jax.tree.map(lambda x, s=start, n=n, b=batch: x[s : s + n].reshape(b), stats)
+        out[i] = (out[i], cut)
+      start += n
   return out
 
 
@@ -242,5 +410,20 @@ def _randomized_refresh(oversample: int, power_iters: int, cold_power_iters: int
     if side in ("out", "both"):
       out.append(randomized_left_basis(_t(g32), prev[-1], *args, k_out, cold_power_iters))
     return tuple(out)
+
+  return compute
+
+
+def _adaptive_refresh(oversample, power_iters, cold_power_iters, energy_tol, max_power_iters):
+  def compute(g, prev, side, key):
+    g32 = g.astype(jnp.float32)
+    k_in, k_out = jax.random.split(key)
+    args = (oversample, power_iters, max_power_iters, energy_tol)
+    out = []
+    if side in ("in", "both"):
+      out.append(adaptive_left_basis(g32, prev[0], *args, k_in, cold_power_iters))
+    if side in ("out", "both"):
+      out.append(adaptive_left_basis(_t(g32), prev[-1], *args, k_out, cold_power_iters))
+    return tuple(b for b, _ in out), tuple(s for _, s in out)
 
   return compute

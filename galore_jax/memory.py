@@ -123,7 +123,8 @@ def split_state_bytes(state: optax.OptState) -> StateBytes:
       inner = split_state_bytes(leaf.inner_state)
       projectors += tree_bytes(leaf.projectors) + inner.projectors
       moments += inner.moments
-      other += _leaf_bytes(leaf.count) + inner.other
+      # Refresh statistics (with `energy_tol`): a few bytes per matrix, like counters.
+      other += _leaf_bytes(leaf.count) + tree_bytes(leaf.refresh_stats) + inner.other
     elif isinstance(leaf, optax.contrib.GaLoreState):
       inner = split_state_bytes(leaf.base_optimizer_state)
       projectors += tree_bytes(leaf.projector) + inner.projectors

@@ -42,11 +42,18 @@ class GaLoreState(NamedTuple):
     projectors: a tree shaped like the params; each projected leaf holds a tuple of orthonormal
       bases `P_[batch]xDxR` (one, or two for `proj_type="full"`), others `optax.MaskedNode()`.
     inner_state: the inner optimizer's state, built on the low-rank shapes.
+    refresh_stats: None, or with `energy_tol`: a tree like `projectors` whose projected leaves
+      hold one `RefreshStats` per basis (`iterations` and certified `energy_estimate` of the
+      latest refresh, shaped like the leaf's batch axes); see `galore_refresh_metrics`.
   """
 
   count: jax.Array
   projectors: Any
   inner_state: optax.OptState
+  refresh_stats: Any = None
+
+
+RefreshStats = _subspace.RefreshStats
 
 
 def _is_dn(x) -> bool:
@@ -102,6 +109,8 @@ class GaLoreOptions(NamedTuple):
   seed: int = 0
   on_refresh: str = "keep"
   align_signs: bool = False
+  energy_tol: float | None = None
+  max_power_iters: int = _subspace.DEFAULT_MAX_POWER_ITERS
 
 
 def _positive_int(name: str, value) -> None:
@@ -216,6 +225,14 @@ def scale_by_galore(
       kept first-moment row can otherwise meet its direction flipped (the canonical sign rule,
       largest-magnitude entry positive, already makes the sign a deterministic function of the
       vector; alignment makes it a function of the history). No effect on the first refresh.
+    energy_tol: `"randomized"` only. None: a fixed `power_iters`. A number in (0, 1), e.g.
+      0.99: each matrix (each layer of a stack) iterates, from `power_iters` up to
+      `max_power_iters` (inside `jit`, a `lax.while_loop`), until an a-posteriori certificate
+      says its basis keeps at least this fraction of the exact top-`r` energy
+      (`_subspace.adaptive_left_basis`: a Ky Fan bound, conservative; slowly decaying spectra
+      cannot be certified and run to the maximum). The iterations and the certificate of the
+      latest refresh are kept in `GaLoreState.refresh_stats`. May be injected.
+    max_power_iters: the adaptive iterations' upper bound (an int >= 1; may be injected).
 
   Returns:
     An `optax.GradientTransformation` with `GaLoreState`.
@@ -242,8 +259,15 @@ def scale_by_galore(
     inner = scale_by_transformers_adam()
   sign = "align" if o.align_signs else "canonical"
   refresh_fn = _subspace.make_refresh_fn(
-    o.subspace_method, o.rank, o.oversample, o.power_iters, sign=sign
+    o.subspace_method,
+    o.rank,
+    o.oversample,
+    o.power_iters,
+    sign=sign,
+    energy_tol=o.energy_tol,
+    max_power_iters=o.max_power_iters,
   )
+  with_stats = o.energy_tol is not None
 
   def flat_plans(tree):
     """Leaves of `tree`, their static layouts (None = full rank) and the treedef."""
@@ -265,27 +289,38 @@ def scale_by_galore(
       low_shape = projection.low_rank_shape(plan.canon_shape, plan.side, o.rank)
       low.append(jnp.zeros(low_shape, jnp.asarray(p).dtype))
     inner_state = inner.init(treedef.unflatten(low))
-    return GaLoreState(jnp.zeros([], jnp.int32), treedef.unflatten(projectors), inner_state)
+    stats = None
+    if with_stats:
+      stats = treedef.unflatten(
+        [
+          optax.MaskedNode() if pl is None else _zero_stats(pl.canon_shape[:-2], len(pr))
+          for pl, pr in zip(plans, projectors)
+        ]
+      )
+    return GaLoreState(jnp.zeros([], jnp.int32), treedef.unflatten(projectors), inner_state, stats)
 
   def update_fn(updates, state, params=None):
     del params  # never forwarded: the inner optimizer sees low-rank shapes.
     leaves, plans, treedef = flat_plans(updates)
     old = treedef.flatten_up_to(state.projectors)
+    old_stats = treedef.flatten_up_to(state.refresh_stats) if with_stats else [None] * len(old)
     canon = [None if pl is None else projection.to_matrix(g, pl) for g, pl in zip(leaves, plans)]
     base_key = jax.random.fold_in(jax.random.key(o.seed), state.count)
 
-    def refresh(canon, old):
+    def refresh(canon, old, old_stats):
       todo = [i for i, pl in enumerate(plans) if pl is not None]
       items = [(canon[i], old[i], plans[i].side, jax.random.fold_in(base_key, i)) for i in todo]
-      new = list(old)
-      for i, bases in zip(todo, _subspace.refresh_leaves(refresh_fn, items)):
-        new[i] = bases
-      return new
+      new, new_stats = list(old), list(old_stats)
+      for i, res in zip(todo, _subspace.refresh_leaves(refresh_fn, items, with_stats)):
+        new[i], new_stats[i] = res if with_stats else (res, None)
+      return new, new_stats
 
     # One real conditional for the whole tree, outside any vmap, so non-refresh steps never run
     # a factorisation (a batched predicate would turn `cond` into `select` and run both).
     do_refresh = state.count % o.update_proj_gap == 0
-    projs = jax.lax.cond(do_refresh, refresh, lambda c, o: list(o), canon, old)
+    projs, stats = jax.lax.cond(
+      do_refresh, refresh, lambda c, old, s: (list(old), list(s)), canon, old, old_stats
+    )
 
     inner_state = state.inner_state
     if o.on_refresh != "keep":
@@ -315,11 +350,55 @@ def scale_by_galore(
         full = projection.project_back(n, p, pl.side) * o.scale
         out.append(projection.from_matrix(full, pl).astype(g.dtype))
     new_state = GaLoreState(
-      optax.safe_increment(state.count), treedef.unflatten(projs), inner_state
+      optax.safe_increment(state.count),
+      treedef.unflatten(projs),
+      inner_state,
+      treedef.unflatten(stats) if with_stats else None,
     )
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _zero_stats(batch: tuple[int, ...], n_bases: int) -> tuple:
+  """Placeholder stats before the first refresh: 0 iterations, estimate 0."""
+  zero = RefreshStats(jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.float32))
+  return (zero,) * n_bases
+
+
+def galore_refresh_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """Summary of the latest refresh of every `GaLoreState` with `refresh_stats` in `opt_state`.
+
+  Over all projected matrices (each layer of a stacked leaf, each basis): the mean and largest
+  subspace iterations used and the smallest and mean certified energy fraction. Jit-friendly;
+  `{}` when no state has stats (no `energy_tol`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, galore_jax as gj
+    >>> tx = gj.galore(optax.sgd(1.0), rank=2, subspace_method="randomized", energy_tol=0.99)
+    >>> state = tx.init({"w": jnp.ones((4, 6))})
+    >>> _, state = tx.update({"w": jnp.ones((4, 6))}, state)
+    >>> float(gj.galore_refresh_metrics(state)["refresh_energy_min"]) >= 0.99
+    True
+  """
+  is_stats = lambda x: isinstance(x, RefreshStats)
+  found = [
+    s
+    for g in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GaLoreState))
+    if isinstance(g, GaLoreState) and g.refresh_stats is not None
+    for s in jax.tree.leaves(g.refresh_stats, is_leaf=is_stats)
+    if is_stats(s)
+  ]
+  if not found:
+    return {}
+  iters = jnp.concatenate([jnp.ravel(s.iterations) for s in found]).astype(jnp.float32)
+  est = jnp.concatenate([jnp.ravel(s.energy_estimate) for s in found])
+  return {
+    "refresh_iters_mean": jnp.mean(iters),
+    "refresh_iters_max": jnp.max(iters),
+    "refresh_energy_min": jnp.min(est),
+    "refresh_energy_mean": jnp.mean(est),
+  }
 
 
 def rotate_moments(mu_or_nu, rotations, side: str, second_moment: bool):

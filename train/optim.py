@@ -69,7 +69,24 @@ def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
     power_iters=o.power_iters,
     on_refresh=o.on_refresh,
     align_signs=o.align_signs,
+    # 0 (the config's "off"): fixed power_iters; else the certified fraction to reach.
+    energy_tol=o.energy_tol or None,
+    max_power_iters=o.max_power_iters,
   )
+
+
+# Keys of `refresh_metrics` (`galore_jax.galore_refresh_metrics`) in the step's metrics.
+REFRESH_PREFIX = "refresh_"
+
+
+def refresh_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+  """Iterations and certified energy of the latest GaLore refresh (`{}` without energy_tol)."""
+  return gj.galore_refresh_metrics(opt_state)
+
+
+def is_refresh_step(config: ml_collections.ConfigDict, count: int) -> bool:
+  """Whether the update with optimizer count `count` (0-based) refreshed GaLore's subspaces."""
+  return "galore" in config.optimizer.name and count % config.optimizer.update_proj_gap == 0
 
 
 def _adamw(lr: optax.ScalarOrSchedule, o: ml_collections.ConfigDict):
@@ -204,9 +221,18 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
       fail(field, f"is not one of {choices}.")
   if not _number(o.scale) or o.scale <= 0:
     fail("scale", "must be a number > 0.")
-  for field, low in (("update_proj_gap", 1), ("oversample", 0), ("power_iters", 0)):
+  for field, low in (
+    ("update_proj_gap", 1),
+    ("oversample", 0),
+    ("power_iters", 0),
+    ("max_power_iters", 1),
+  ):
     if not isinstance(o[field], int) or isinstance(o[field], bool) or o[field] < low:
       fail(field, f"must be an int >= {low}.")
+  if not _number(o.energy_tol) or not 0 <= o.energy_tol < 1:
+    fail("energy_tol", "must be a number in [0, 1) (0 = off: fixed power_iters).")
+  if o.energy_tol and o.subspace_method != "randomized":
+    fail("energy_tol", "needs subspace_method='randomized' (the exact SVD needs no tolerance).")
   _check_rank(o, params, fail)
 
 

@@ -257,7 +257,10 @@ def state_specs(
       return leaf(path, x)
     proj = lambda sub, p: projector((*path, *sub), p)
     return gj.GaLoreState(
-      P(), jax.tree_util.tree_map_with_path(proj, x.projectors), walk(path, x.inner_state)
+      P(),
+      jax.tree_util.tree_map_with_path(proj, x.projectors),
+      walk(path, x.inner_state),
+      jax.tree.map(lambda _: P(), x.refresh_stats),  # energy_tol's few scalars: replicated
     )
 
   def walk(prefix, tree):

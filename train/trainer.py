@@ -413,6 +413,7 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
         lambda: (params, opt_state),
       )
     out = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": n}
+    out.update(optim.refresh_metrics(opt_state))  # GaLore with energy_tol: the latest refresh
     return TrainState(state.step + 1, params, opt_state, rng), out
 
   return train_step
@@ -598,6 +599,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         f"{values['grad_norm']}. Stopped; the last good checkpoint "
         f"({_step_name(last)}) in {ckpt.directory} is untouched."
       )
+    refresh = {k: values.pop(k) for k in list(values) if k.startswith(optim.REFRESH_PREFIX)}
+    if refresh and optim.is_refresh_step(config, step_done - 1):
+      writer.write(step_done, refresh)
     values["learning_rate"] = float(setup.schedule(step_done - 1))
     throughput.add(values.pop("input_tokens"), positions_per_step)
     rates = throughput.rates()
