@@ -30,7 +30,7 @@ for name in ("adamw", "galore_adamw", "galore_adamw_8bit", "adamw_8bit"):
   c = default.get_config()
   c.optimizer.name = name
   c.optimizer.rank = 1024
-  tx = optim.make_optimizer(c)
+  tx = optim.make_optimizer(c.optimizer, c.train.num_steps)
   st = jax.eval_shape(tx.init, params)
   sb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st))
   print(

@@ -129,8 +129,9 @@ def test_relora_merge_changes_no_logits_and_resets_factor_moments():
 
 def test_relora_schedule_restarts_from_zero_with_a_warmup():
   config = _config("relora", num_steps=12)
-  base = optim.make_schedule(_config("lora", num_steps=12))
-  jagged = optim.make_schedule(config)
+  lora = _config("lora", num_steps=12)
+  base = optim.make_schedule(lora.optimizer, lora.train.num_steps)
+  jagged = optim.make_schedule(config.optimizer, config.train.num_steps)
   every, warmup = config.optimizer.relora_reset_every, config.optimizer.relora_restart_warmup
   for s in range(12):
     since = s % every
@@ -160,7 +161,8 @@ def test_adamw_target_lr_scale_scales_only_the_attention_mlp_updates():
     np.testing.assert_array_equal(u2, u1 * 0.0625 if m else u1)
   assert any(mask) and not all(mask)
   # At 1.0 the optimizer (and so its state and checkpoints) is the one-lr AdamW's, unchanged.
-  plain = optim._adamw(optim.make_schedule(_config("adamw")), _config("adamw").optimizer)
+  c = _config("adamw")
+  plain = optim.adamw(optim.make_schedule(c.optimizer, c.train.num_steps), c.optimizer)
   assert jax.tree.structure(setups[1.0].tx.init(state.params)) == jax.tree.structure(
     plain.init(state.params)
   )

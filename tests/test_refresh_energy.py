@@ -275,11 +275,11 @@ def test_trainer_config_validates_energy_options(field, value, match):
   c.optimizer[field] = value
   params = {"layers": {"attn": {"kernel": jnp.zeros((2, 16, 16))}}}
   with pytest.raises(ValueError, match=match):
-    optim.validate_optimizer_config(c, params)
+    optim.validate_optimizer_config(c.optimizer, params)
   c = default.get_config()
   c.optimizer.energy_tol = 0.99  # subspace_method="svd"
   with pytest.raises(ValueError, match="config.optimizer.energy_tol=0.99 needs subspace_method"):
-    optim.validate_optimizer_config(c, params)
+    optim.validate_optimizer_config(c.optimizer, params)
 
 
 def test_trainer_logs_refresh_iterations_and_certificate(tmp_path):

@@ -71,7 +71,12 @@ def test_batch_errors_name_the_field(train, mesh, match):
   config.train.update(**train)
   fake_mesh = types.SimpleNamespace(shape={"data": mesh[0], "fsdp": mesh[1]})
   with pytest.raises(ValueError, match=match):
-    sharding.validate_batch(config, fake_mesh)
+    sharding.validate_batch(
+      fake_mesh,
+      batch_size=config.train.batch_size,
+      grad_accum_steps=config.train.grad_accum_steps,
+      eval_batch_size=config.train.eval_batch_size,
+    )
 
 
 def _tiny_abstract_state(name="galore_adamw", proj_type="std"):

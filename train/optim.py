@@ -1,4 +1,8 @@
-"""Optimizers and learning-rate schedules from a config, through galore_jax's public API."""
+"""Optimizers and learning-rate schedules from a config, through galore_jax's public API.
+
+Every function takes the `config.optimizer` section (`o` below) and, where it needs them, the
+run's length and whether the fused layer-wise step is used, never the whole config.
+"""
 
 from __future__ import annotations
 
@@ -46,11 +50,10 @@ def warmup_cosine_schedule(
   return schedule
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """The learning-rate schedule of `config.optimizer` over `config.train.num_steps` updates."""
-  o = config.optimizer
-  warmup = int(round(o.warmup_fraction * config.train.num_steps))
-  schedule = warmup_cosine_schedule(o.learning_rate, config.train.num_steps, warmup, o.min_lr_ratio)
+def make_schedule(o: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """The learning-rate schedule of the optimizer section `o` over `num_steps` updates."""
+  warmup = int(round(o.warmup_fraction * num_steps))
+  schedule = warmup_cosine_schedule(o.learning_rate, num_steps, warmup, o.min_lr_ratio)
   if o.name == "relora":
     schedule = lowrank.jagged_schedule(schedule, o.relora_reset_every, o.relora_restart_warmup)
   return schedule
@@ -84,12 +87,12 @@ def refresh_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   return gj.galore_refresh_metrics(opt_state)
 
 
-def is_refresh_step(config: ml_collections.ConfigDict, count: int) -> bool:
+def is_refresh_step(o: ml_collections.ConfigDict, count: int) -> bool:
   """Whether the update with optimizer count `count` (0-based) refreshed GaLore's subspaces."""
-  return "galore" in config.optimizer.name and count % config.optimizer.update_proj_gap == 0
+  return "galore" in o.name and count % o.update_proj_gap == 0
 
 
-def _adamw(lr: optax.ScalarOrSchedule, o: ml_collections.ConfigDict):
+def adamw(lr: optax.ScalarOrSchedule, o: ml_collections.ConfigDict):
   """Full-rank AdamW with the same math as galore_adamw's non-GaLore leaves (GaLoreAdamW)."""
   return optax.chain(
     gj.scale_by_transformers_adam(o.b1, o.b2, o.eps),
@@ -98,8 +101,10 @@ def _adamw(lr: optax.ScalarOrSchedule, o: ml_collections.ConfigDict):
   )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Builds the optimizer named by `config.optimizer.name` (see OPTIMIZERS).
+def make_optimizer(
+  o: ml_collections.ConfigDict, num_steps: int, *, fused_update: bool = False
+) -> optax.GradientTransformation:
+  """Builds the optimizer named by `o.name` (the `config.optimizer` section; see OPTIMIZERS).
 
   * `galore_adamw`: the paper's setup: GaLore on attention and MLP kernels, the other leaves
     plain AdamW at the full learning rate (`galore_jax.galore_adamw`).
@@ -108,14 +113,15 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   * `adamw_8bit` / `galore_adamw_8bit`: 8-bit moments (galore_jax.adam8bit).
   * `lora` / `relora` / `low_rank`: AdamW on the trainable leaves of `train.lowrank`'s adapted
     tree; LoRA's frozen kernels get `optax.set_to_zero()` (no state, not clipped).
-  Global-norm clipping (`grad_clip_norm > 0`) runs first, on the full-rank gradients.
+  Global-norm clipping (`grad_clip_norm > 0`) runs first, on the full-rank gradients (not with
+  `fused_update`: the fused layer-wise step clips itself, it never holds the whole gradient).
+  `num_steps` is the schedule's length (`config.train.num_steps`).
   `target_lr_scale` (adamw only) multiplies the attention/MLP kernels' updates, i.e. their
   learning rate (and decoupled weight decay, which is proportional to it).
   """
-  o = config.optimizer
-  lr = make_schedule(config)
+  lr = make_schedule(o, num_steps)
   if o.name in lowrank.METHODS:
-    tx = _adamw(lr, o)
+    tx = adamw(lr, o)
     if o.grad_clip_norm > 0:
       tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, lowrank.param_labels)
@@ -124,7 +130,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, **_galore_options(o)
     )
   elif o.name == "adamw":
-    tx = _adamw(lr, o)
+    tx = adamw(lr, o)
     if o.target_lr_scale != 1.0:  # (absent at 1: the state and checkpoints stay as they were)
       tx = optax.chain(tx, optax.masked(optax.scale(o.target_lr_scale), galore_target_mask))
   elif o.name == "galore":
@@ -144,8 +150,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     tx = _make_8bit(o, lr)
   else:
     raise ValueError(f"config.optimizer.name={o.name!r} is not one of {OPTIMIZERS}.")
-  # The fused layer-wise step clips itself (it never holds the whole gradient at once).
-  if o.grad_clip_norm > 0 and not config.train.fused_update:
+  if o.grad_clip_norm > 0 and not fused_update:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   return tx
 
@@ -162,13 +167,15 @@ def _number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) -> None:
-  """Errors naming the `config.optimizer` field, for settings that cannot work with `params`.
+def validate_optimizer_config(
+  o: ml_collections.ConfigDict, params: Any, *, fused_update: bool = False
+) -> None:
+  """Errors naming the `config.optimizer` field, for settings of `o` that cannot work with
+  `params` (and with the fused layer-wise step, if `fused_update`).
 
   Every check of an optimizer field is here (called by `trainer.build`, before compiling);
   each message starts with `config.optimizer.<field>=<value>`.
   """
-  o = config.optimizer
 
   def fail(field: str, why: str):
     raise ValueError(f"config.optimizer.{field}={o[field]!r} {why}")
@@ -204,10 +211,10 @@ def validate_optimizer_config(config: ml_collections.ConfigDict, params: Any) ->
       fail(field, "must be True or False.")
   if o.target_lr_scale != 1.0 and o.name != "adamw":
     fail("target_lr_scale", f"applies to config.optimizer.name='adamw' only (not {o.name!r}).")
-  if o.target_lr_scale != 1.0 and config.train.fused_update:
+  if o.target_lr_scale != 1.0 and fused_update:
     fail("target_lr_scale", "is not supported with config.train.fused_update=True.")
   if o.name in lowrank.METHODS:
-    _validate_adapter(config, params, fail)
+    _validate_adapter(o, params, fail, fused_update)
     return
   if "galore" not in o.name:
     return
@@ -252,10 +259,11 @@ def _check_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable) -> No
     )
 
 
-def _validate_adapter(config: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
+def _validate_adapter(
+  o: ml_collections.ConfigDict, params: Any, fail: Callable, fused_update: bool
+) -> None:
   """The fields of `lora` / `relora` / `low_rank` (train/lowrank.py)."""
-  o = config.optimizer
-  if config.train.fused_update:
+  if fused_update:
     fail("name", "does not run with config.train.fused_update=True (a GaLore/AdamW path only).")
   _check_rank(o, params, fail)
   if not _number(o.lora_alpha) or o.lora_alpha <= 0:

@@ -99,28 +99,30 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Any = None) -> Mesh:
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def validate_batch(config: Any, mesh: Mesh) -> None:
-  """Named errors when a (micro-)batch cannot be split evenly over the batch devices."""
-  shape = getattr(mesh, "shape", mesh)  # a Mesh or a {axis: size} mapping
+def validate_batch(
+  mesh: Mesh | Mapping[str, int], *, batch_size: int, grad_accum_steps: int, eval_batch_size: int
+) -> None:
+  """Named errors (`config.train.<field>`) when a (micro-)batch cannot be split evenly over the
+  batch devices of `mesh` (a Mesh or an `{axis: size}` mapping)."""
+  shape = getattr(mesh, "shape", mesh)
   shards = math.prod(shape[a] for a in BATCH_AXES)
-  t = config.train
-  micro = t.batch_size // t.grad_accum_steps
+  micro = batch_size // grad_accum_steps
   if micro % shards:
     raise ValueError(
-      f"config.train.batch_size={t.batch_size} / config.train.grad_accum_steps="
-      f"{t.grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
+      f"config.train.batch_size={batch_size} / config.train.grad_accum_steps="
+      f"{grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
       f"{shards} data-parallel devices (config.mesh.data x config.mesh.fsdp = "
       f"{shape['data']} x {shape['fsdp']})."
     )
-  if t.eval_batch_size % shards:
+  if eval_batch_size % shards:
     raise ValueError(
-      f"config.train.eval_batch_size={t.eval_batch_size} is not divisible by the {shards} "
+      f"config.train.eval_batch_size={eval_batch_size} is not divisible by the {shards} "
       f"data-parallel devices (config.mesh.data x config.mesh.fsdp = "
       f"{shape['data']} x {shape['fsdp']})."
     )
-  if jax.process_count() > 1 and t.batch_size % jax.process_count():
+  if jax.process_count() > 1 and batch_size % jax.process_count():
     raise ValueError(
-      f"config.train.batch_size={t.batch_size} is not divisible by the "
+      f"config.train.batch_size={batch_size} is not divisible by the "
       f"{jax.process_count()} processes."
     )
 
@@ -372,15 +374,22 @@ def initialize_distributed(mode: str = "auto", environ: Mapping[str, str] | None
   return False
 
 
-def layout_for_config(config: Any, mesh: Mesh, abstract_state: Any) -> Layout:
-  """`make_layout` with the GaLore targets, `proj_type` and knobs of a training config."""
+def training_layout(
+  mesh: Mesh,
+  abstract_state: Any,
+  *,
+  galore: bool,
+  proj_type: str = "std",
+  shard_projectors: bool = True,
+) -> Layout:
+  """`make_layout` for a `trainer.TrainState`: GaLore's targets (`model.galore_target_mask`)
+  when `galore`, with `proj_type` and `shard_projectors` as in the config's sections."""
   params = abstract_state.params
-  galore = "galore" in config.optimizer.name
   return make_layout(
     mesh,
     abstract_state,
     params,
     galore_mask=galore_target_mask(params) if galore else None,
-    proj_type=config.optimizer.proj_type,
-    shard_projectors=config.mesh.get("shard_projectors", True),
+    proj_type=proj_type,
+    shard_projectors=shard_projectors,
   )

@@ -259,7 +259,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     )
   abstract = nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  optim.validate_optimizer_config(config, abstract_params)
+  t = config.train
+  optim.validate_optimizer_config(config.optimizer, abstract_params, fused_update=t.fused_update)
   data_dir = Path(config.data.data_dir) if config.data.data_dir else data.BUNDLED_DATA_DIR
   vocab = Path(config.data.vocab_path) if config.data.vocab_path else data.BUNDLED_VOCAB
   o, adapter = config.optimizer, None
@@ -279,8 +280,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   return Setup(
     model_config,
     graphdef,
-    optim.make_optimizer(config),
-    optim.make_schedule(config),
+    optim.make_optimizer(o, t.num_steps, fused_update=t.fused_update),
+    optim.make_schedule(o, t.num_steps),
     data_dir,
     vocab,
     config.model.loss_chunk_size,
@@ -340,13 +341,28 @@ def export_params(config: ml_collections.ConfigDict, setup: Setup, params: Any) 
   )
 
 
+def _validate_batch(t: ml_collections.ConfigDict, mesh) -> None:
+  sharding.validate_batch(
+    mesh,
+    batch_size=t.batch_size,
+    grad_accum_steps=t.grad_accum_steps,
+    eval_batch_size=t.eval_batch_size,
+  )
+
+
 def make_layout(
   config: ml_collections.ConfigDict, setup: Setup, mesh: jax.sharding.Mesh
 ) -> sharding.Layout:
   """Shardings of the training state and batches on `mesh` (see train/sharding.py)."""
-  sharding.validate_batch(config, mesh)
+  _validate_batch(config.train, mesh)
   abstract = jax.eval_shape(lambda: init_state(setup, 0))
-  return sharding.layout_for_config(config, mesh, abstract)
+  return sharding.training_layout(
+    mesh,
+    abstract,
+    galore="galore" in config.optimizer.name,
+    proj_type=config.optimizer.proj_type,
+    shard_projectors=config.mesh.get("shard_projectors", True),
+  )
 
 
 def _loss(graphdef, params, tokens_BxL, chunk_size: int = 0):
@@ -468,17 +484,31 @@ def _memory_summary(compiled) -> str:
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary."""
+@dataclasses.dataclass
+class Run:
+  """A run's pieces once built and restored (`prepare`): what the loop reads and advances."""
+
+  config: ml_collections.ConfigDict
+  setup: Setup
+  mesh: jax.sharding.Mesh
+  layout: sharding.Layout
+  logdir: Path
+  state: TrainState
+  train_iter: Any  # data.make_train_iterator's checkpointable iterator
+  ckpt: checkpoint.Checkpointer
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
+  """Validates `config` (every config error is raised here, before anything is allocated or
+  compiled), then builds the state in its shardings and restores `workdir`'s latest checkpoint."""
   workdir = Path(workdir)
   sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
-  # Every config error is raised here, before anything is allocated or compiled.
   setup = build(config)
   if not config.data.data_dir:
     data.ensure_bundled_prepared(setup.data_dir)
   validate_data_config(config, setup)
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
-  sharding.validate_batch(config, dict(zip(sharding.MESH_AXES, shape)))
+  _validate_batch(config.train, dict(zip(sharding.MESH_AXES, shape)))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   layout = make_layout(config, setup, mesh)
   # Checkpoints are shared; logs, metrics and plots of processes other than 0 go to a subdir.
@@ -487,7 +517,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   t = config.train
   with open(logdir / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
-
   state = init_state(setup, t.seed, layout, load_init_params(config, setup))
   train_iter = data.make_train_iterator(
     setup.data_dir,
@@ -507,12 +536,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     state, iter_state = restored
     train_iter.set_state(iter_state)
     print(f"Resumed from step {int(state.step)} in {ckpt.directory}")
+  return Run(config, setup, mesh, layout, logdir, state, train_iter, ckpt)
 
-  if config.train.fused_update:
+
+def compile_train_step(run: Run) -> jax.stages.Compiled:
+  """The run's train step (standard or fused), compiled once for its state and batch shapes.
+
+  It returns `(state, metrics)`; the metrics add `input_tokens`, the non-pad input tokens read
+  (global), for the tokens/s metric.
+  """
+  config, setup, layout, t = run.config, run.setup, run.layout, run.config.train
+  if t.fused_update:
     from train import fused  # noqa: PLC0415 (optional path)
 
     o = config.optimizer
-    train_step = fused.make_fused_train_step(
+    step_fn = fused.make_fused_train_step(
       setup,
       t.grad_accum_steps,
       grad_clip_norm=o.grad_clip_norm,
@@ -520,148 +558,176 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       proj_type=o.proj_type,
     )
   else:
-    train_step = make_train_step(setup, t.grad_accum_steps, layout)
-  step_fn = train_step
+    step_fn = make_train_step(setup, t.grad_accum_steps, layout)
 
-  def train_step(state, batch):  # plus the non-pad input tokens read (global, for the metric)
+  def train_step(state, batch):
     state, out = step_fn(state, batch)
     inputs = batch["tokens"][:, :-1]
     return state, {**out, "input_tokens": jnp.sum(inputs != 0, dtype=jnp.int32)}
 
-  train_step = jax.jit(
+  jitted = jax.jit(
     train_step,
     in_shardings=(layout.state, layout.batch),
     out_shardings=(layout.state, layout.replicated),
     donate_argnums=(0,),
   )
   batch_spec = {"tokens": jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32)}
-  compiled = train_step.lower(state, batch_spec).compile()
-  train_step = compiled  # calling the jitted function would compile it a second time
-  eval_step = make_eval_step(setup)
+  # Call the result, not `jitted`: calling the jitted function would compile it a second time.
+  return jitted.lower(run.state, batch_spec).compile()
 
-  def eval_batches():
-    max_docs = config.data.eval_max_documents or None
-    return data.make_eval_batches(
-      setup.data_dir,
-      split=config.data.eval_split,
-      seq_len=config.data.seq_len,
-      batch_size=t.eval_batch_size,
-      mode=config.data.mode,
-      vocab_path=setup.vocab_path,
-      max_documents=max_docs,
-    )
 
-  writer = metrics.MetricWriter(logdir)
+def start_summary(run: Run, compiled: jax.stages.Compiled) -> dict[str, Any]:
+  """What the run is (model, optimizer, state bytes vs AdamW's, compiled memory, mesh), and the
+  unigram perplexity floor of a fresh run: printed and written before the first step."""
+  config, setup, state = run.config, run.setup, run.state
   counts = count_params(setup.model_config)
   model_params = jax.eval_shape(setup.model_params, state.params)  # (adapters: the kernels)
-  adamw_bytes = optim.state_bytes(optim._adamw(1.0, config.optimizer), model_params)
   summary = {
     "model": config.model.size if not config.get("init_from") else f"({config.init_from})",
     "params": counts["total"],
     "galore_target_params": counts["galore_target"],
     "optimizer": config.optimizer.name,
     "optimizer_state_bytes": optim.state_bytes(setup.tx, state.params),
-    "adamw_state_bytes": adamw_bytes,
+    "adamw_state_bytes": optim.state_bytes(optim.adamw(1.0, config.optimizer), model_params),
     "compiled_step_memory": _memory_summary(compiled),
-    "mesh": dict(mesh.shape),
+    "mesh": dict(run.mesh.shape),
     "optimizer_state_bytes_per_device": sharding.shard_bytes(
-      state.opt_state, layout.state.opt_state
+      state.opt_state, run.layout.state.opt_state
     ),
   }
   if int(state.step) == 0:
+    d = config.data
     summary["unigram_perplexity"] = data.unigram_perplexity(
       setup.data_dir,
-      seq_len=config.data.seq_len,
-      mode=config.data.mode,
+      seq_len=d.seq_len,
+      mode=d.mode,
       vocab_path=setup.vocab_path,
-      train_split=config.data.train_split,
-      eval_split=config.data.eval_split,
-      max_eval_documents=config.data.eval_max_documents or None,
+      train_split=d.train_split,
+      eval_split=d.eval_split,
+      max_eval_documents=d.eval_max_documents or None,
     )
-  metrics.print_start_summary(summary)
-  writer.write_summary(summary)
+  return summary
 
-  start_step = int(state.step)
-  positions_per_step = t.batch_size * (config.data.seq_len - 1)  # input positions, pad included
-  throughput = metrics.Throughput()
-  progress = metrics.Progress(t.num_steps, start_step, enabled=t.progress_bar)
-  pending = None  # (step, metrics future) of the previous step: fetched after dispatching the next
-  last_eval: dict[str, float] = {}
-  t_start = time.time()
 
-  def finish(step_done: int, out) -> dict[str, float]:
+def _eval_batches(run: Run):
+  d = run.config.data
+  return data.make_eval_batches(
+    run.setup.data_dir,
+    split=d.eval_split,
+    seq_len=d.seq_len,
+    batch_size=run.config.train.eval_batch_size,
+    mode=d.mode,
+    vocab_path=run.setup.vocab_path,
+    max_documents=d.eval_max_documents or None,
+  )
+
+
+class _StepLog:
+  """Checks, logs and times each step's metrics (fetched one step late, see `train_loop`)."""
+
+  def __init__(self, run: Run, writer: metrics.MetricWriter, start_step: int):
+    self.run, self.writer, self.t = run, writer, run.config.train
+    self.positions_per_step = self.t.batch_size * (run.config.data.seq_len - 1)  # pad included
+    self.throughput = metrics.Throughput()
+    self.progress = metrics.Progress(self.t.num_steps, start_step, enabled=self.t.progress_bar)
+
+  def __call__(self, step_done: int, out) -> dict[str, float]:
+    run, ckpt = self.run, self.run.ckpt
     values = {k: float(v) for k, v in jax.device_get(out).items()}
     if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
       ckpt.wait()  # the last good checkpoint is complete on disk before we name it
-      last = ckpt.latest_step()
       raise TrainingDiverged(
         f"non-finite loss/gradient at step {step_done}: loss={values['loss']}, grad_norm="
         f"{values['grad_norm']}. Stopped; the last good checkpoint "
-        f"({_step_name(last)}) in {ckpt.directory} is untouched."
+        f"({_step_name(ckpt.latest_step())}) in {ckpt.directory} is untouched."
       )
     refresh = {k: values.pop(k) for k in list(values) if k.startswith(optim.REFRESH_PREFIX)}
-    if refresh and optim.is_refresh_step(config, step_done - 1):
-      writer.write(step_done, refresh)
-    values["learning_rate"] = float(setup.schedule(step_done - 1))
-    throughput.add(values.pop("input_tokens"), positions_per_step)
-    rates = throughput.rates()
-    progress.update(step_done, values, rates["tokens_per_second"])
-    if step_done % t.log_every == 0 or step_done == t.num_steps:
-      writer.write(step_done, {**values, **rates})
+    if refresh and optim.is_refresh_step(run.config.optimizer, step_done - 1):
+      self.writer.write(step_done, refresh)
+    values["learning_rate"] = float(run.setup.schedule(step_done - 1))
+    self.throughput.add(values.pop("input_tokens"), self.positions_per_step)
+    rates = self.throughput.rates()
+    self.progress.update(step_done, values, rates["tokens_per_second"])
+    if step_done % self.t.log_every == 0 or step_done == self.t.num_steps:
+      self.writer.write(step_done, {**values, **rates})
     return values
 
+
+def _save(run: Run, done: int) -> None:
+  """Checkpoints the state after step `done`, unless it is not finite (then stops, keeping the
+  last good checkpoint). The loss checked so far is that of the parameters *before* the update."""
+  state, ckpt = run.state, run.ckpt
+  if not bool(_all_finite((state.params, state.opt_state))):
+    ckpt.wait()
+    raise TrainingDiverged(
+      f"non-finite parameters/optimizer state at step {done} (after its update). Stopped "
+      f"without saving it; the last good checkpoint ({_step_name(ckpt.latest_step())}) in "
+      f"{ckpt.directory} is untouched."
+    )
+  ckpt.save(done, state, run.train_iter.get_state())
+
+
+def train_loop(run: Run, train_step, writer: metrics.MetricWriter) -> dict[str, Any]:
+  """Steps `run.state` to `train.num_steps` (or `stop_after_steps`), evaluating and saving on
+  their boundaries. Returns the throughput and the last eval. A step's metrics are fetched
+  after the next step is dispatched, so the host never waits on the device between steps."""
+  t = run.config.train
+  log = _StepLog(run, writer, int(run.state.step))
+  eval_step = make_eval_step(run.setup)
+  pending, last_eval = None, {}  # pending: (step, metrics future) of the previous step
   stop = min(t.num_steps, t.stop_after_steps or t.num_steps)
-  throughput.start()
-  for step in range(start_step, stop):
-    batch = layout.put_batch(next(train_iter))
-    state, out = train_step(state, batch)
+  log.throughput.start()
+  for step in range(int(run.state.step), stop):
+    run.state, out = train_step(run.state, run.layout.put_batch(next(run.train_iter)))
     if pending is not None:
-      finish(*pending)
-    pending = (step + 1, out)
-    done = step + 1
+      log(*pending)
+    pending, done = (step + 1, out), step + 1
     is_last = done == stop
-    boundary = done % t.eval_every == 0 or done % t.checkpoint_every == 0 or is_last
-    if boundary:
-      finish(*pending)  # checkpoints and evals only see verified-finite states
+    if done % t.eval_every == 0 or done % t.checkpoint_every == 0 or is_last:
+      log(*pending)  # checkpoints and evals only see verified-finite states
       pending = None
-    throughput.stop()  # evals and saves are not training time
+    log.throughput.stop()  # evals and saves are not training time
     if done % t.eval_every == 0 or done == t.num_steps:
-      last_eval = evaluate(eval_step, state.params, eval_batches(), layout.put_batch)
+      last_eval = evaluate(eval_step, run.state.params, _eval_batches(run), run.layout.put_batch)
       writer.write(done, last_eval)
-      progress.write(
+      log.progress.write(
         f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
         f"perplexity {last_eval['eval_perplexity']:.2f}"
       )
     if done % t.checkpoint_every == 0 or is_last:
-      # The loss checked so far is that of the parameters *before* this step's update.
-      if not bool(_all_finite((state.params, state.opt_state))):
-        ckpt.wait()
-        raise TrainingDiverged(
-          f"non-finite parameters/optimizer state at step {done} (after its update). Stopped "
-          f"without saving it; the last good checkpoint ({_step_name(ckpt.latest_step())}) in "
-          f"{ckpt.directory} is untouched."
-        )
-      ckpt.save(done, state, train_iter.get_state())
-    throughput.start()
+      _save(run, done)
+    log.throughput.start()
   if pending is not None:
-    finish(*pending)
-  throughput.stop()
-  ckpt.wait()
-  progress.close()
-  wall = time.time() - t_start
+    log(*pending)
+  log.throughput.stop()
+  run.ckpt.wait()
+  log.progress.close()
+  return {**log.throughput.rates(), **last_eval}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary:
+  `prepare`, `compile_train_step`, `start_summary`, `train_loop`, then the end summary."""
+  run = prepare(config, workdir)
+  compiled = compile_train_step(run)
+  summary = start_summary(run, compiled)
+  metrics.print_start_summary(summary)
+  writer = metrics.MetricWriter(run.logdir)
+  writer.write_summary(summary)
+  t_start = time.time()
+  rates_and_eval = train_loop(run, compiled, writer)
   final = {
-    "steps": int(state.step),
-    "wall_seconds": wall,
-    **throughput.rates(),
-    **last_eval,
+    "steps": int(run.state.step),
+    "wall_seconds": time.time() - t_start,
+    **rates_and_eval,
     **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
   }
-  if config.get("export_to") and int(state.step) == t.num_steps:
-    final["exported_to"] = os.fspath(export_params(config, setup, state.params))
+  if config.get("export_to") and int(run.state.step) == config.train.num_steps:
+    final["exported_to"] = os.fspath(export_params(config, run.setup, run.state.params))
     print(f"Exported the fine-tuned model to {final['exported_to']}")
   writer.write_final(final)
-  png = metrics.plot_curves(logdir)
-  metrics.print_end_summary(final, png, logdir)
+  png = metrics.plot_curves(run.logdir)
+  metrics.print_end_summary(final, png, run.logdir)
   writer.close()
   sys.stdout.flush()
   return final
@@ -674,9 +740,11 @@ def load_metrics(workdir: str | os.PathLike) -> list[dict]:
 
 
 __all__ = [
+  "Run",
   "TrainState",
   "TrainingDiverged",
   "build",
+  "compile_train_step",
   "evaluate",
   "export_params",
   "init_state",
@@ -684,7 +752,10 @@ __all__ = [
   "load_metrics",
   "make_layout",
   "make_train_step",
+  "prepare",
+  "start_summary",
   "train_and_evaluate",
+  "train_loop",
   "validate_config",
   "validate_data_config",
 ]
