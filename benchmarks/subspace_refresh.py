@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from galore_jax import _subspace, projection
+from galore_jax import projection, subspace
 
 # name: (in_dim, out_dim, paper rank); square attention kernels and the MLP up/gate kernel.
 SHAPES = {
@@ -60,8 +60,18 @@ SHAPES = {
   "7b": ((4096, 4096), (4096, 11008), 1024),
 }
 
-# The library's defaults (galore_jax.scale_by_galore and _subspace.COLD_POWER_ITERS).
-DEFAULT = dict(oversample=8, power_iters=1, cold_power_iters=_subspace.COLD_POWER_ITERS)
+
+def mm(a, b):
+  """A float32 matmul at full precision (as the library's range finder computes)."""
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def tr(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+# The library's defaults (galore_jax.scale_by_galore and subspace.COLD_POWER_ITERS).
+DEFAULT = dict(oversample=8, power_iters=1, cold_power_iters=subspace.COLD_POWER_ITERS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +88,7 @@ def energy_and_angles(g_DxE: np.ndarray, p_DxR: np.ndarray, u_DxR: np.ndarray, s
 
 
 def _refresh_fn(method: str, rank: int, **kw):
-  fn = _subspace.make_refresh_fn(
+  fn = subspace.make_refresh_fn(
     method,
     rank,
     kw.get("oversample", 0),
@@ -357,7 +367,7 @@ def _canonical(b):
 
 def _finish_variants():
   """Alternative final steps after `q - 1` iterations from the same start `x` (same sketch)."""
-  mm, tr, orth = _subspace._mm, _subspace._t, _subspace._orth
+  orth = subspace.orthonormalize
 
   def iterate(a, x, q):
     for _ in range(q - 1):
@@ -376,7 +386,7 @@ def _finish_variants():
     return mm(qq, w[:, ::-1][:, :r])
 
   def row_ritz(a, x, r, q):  # the library's finish
-    return _subspace._row_ritz_left(a, iterate(a, x, q), r)
+    return subspace.row_ritz_left(a, iterate(a, x, q), r)
 
   def sketch_svd(a, x, r, q):  # no Ritz selection: top-r left singular vectors of a aᵀ x
     y = mm(a, mm(tr(a), iterate(a, x, q)))
@@ -515,18 +525,18 @@ def energy_spectrum(kind: str, d: int, e: int, r: int) -> np.ndarray:
 def _energy_rows(g, s_top_sq, r, svd_cpu, args):
   """(label, settings, iterations, certificate, energy, CPU s) of each randomized variant."""
   rows = []
-  cold_fn = _subspace.make_refresh_fn("randomized", r, 8, 1)  # first refresh: COLD_POWER_ITERS
+  cold_fn = subspace.make_refresh_fn("randomized", r, 8, 1)  # first refresh: COLD_POWER_ITERS
   cold = jax.jit(lambda g, prev, key: cold_fn(g, (prev,), "in", key)[0])
   key = jax.random.key(0)
   zeros = jnp.zeros((g.shape[0], r), jnp.float32)
   c_cold = cold.lower(g, zeros, key).compile()
   # The previous refresh: a cold one of the same matrix (the issue's second update).
   prev = c_cold(g, zeros, key)
-  captured = jax.jit(lambda g, p: jnp.sum(_subspace._mm(_subspace._t(p), g) ** 2))
+  captured = jax.jit(lambda g, p: jnp.sum(mm(tr(p), g) ** 2))
   variants = [("fixed", dict(power_iters=1)), ("fixed", dict(power_iters=2))]
   variants += [("adaptive", dict(power_iters=1, energy_tol=t)) for t in args.energy_tols]
   for label, kw in variants:
-    fn = _subspace.make_refresh_fn(
+    fn = subspace.make_refresh_fn(
       "randomized",
       r,
       8,
@@ -568,7 +578,7 @@ def part_energy(args) -> None:
     n = min(d, e)
     u = jnp.linalg.qr(jax.random.normal(jax.random.key(10), (d, n)))[0]
     v = jnp.linalg.qr(jax.random.normal(jax.random.key(11), (e, n)))[0]
-    build = jax.jit(lambda s, u=u, v=v: _subspace._mm(u * s, _subspace._t(v)))
+    build = jax.jit(lambda s, u=u, v=v: mm(u * s, tr(v)))
     svd_cpu = None
     kinds = list(ENERGY_SPECTRA) + (["issue"] if name == "2048x5504" else [])
     for kind in kinds:
@@ -601,7 +611,7 @@ def main() -> None:
   ap.add_argument(
     "--energy-tols", type=lambda s: tuple(float(x) for x in s.split(",")), default=(0.99,)
   )
-  ap.add_argument("--max-power-iters", type=int, default=_subspace.DEFAULT_MAX_POWER_ITERS)
+  ap.add_argument("--max-power-iters", type=int, default=subspace.DEFAULT_MAX_POWER_ITERS)
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--svd-repeats-7b", type=int, default=1)

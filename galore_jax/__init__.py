@@ -6,6 +6,7 @@ Modules, from the bottom up (each imports only those above it):
 * `masks`: path-based leaf selection (`galore_mask_by_path`, `llama_galore_mask`).
 * `adam`: transformers-style Adam and after-update weight decay (what `GaLoreAdamW` forks).
 * `adam8bit`: bitsandbytes' block-wise 8-bit Adam core.
+* `subspace`: the refresh's range finders (exact SVD, warm-started randomized, accuracy-controlled).
 * `transform`: `scale_by_galore`, its state and its options.
 * `alias`: `galore`, `galore_adamw`, `adamw_8bit`, `galore_adamw_8bit`.
 * `layerwise`: updating one leaf (or one layer of a stacked leaf) at a time, in place.
@@ -16,7 +17,7 @@ References:
   https://arxiv.org/abs/2403.03507
 """
 
-from galore_jax import memory, projection
+from galore_jax import memory, projection, subspace
 from galore_jax.adam import (
   ScaleByTransformersAdamState,
   add_decayed_weights_after_update,
@@ -67,6 +68,7 @@ __all__ = [
   "llama_vocab_mask",
   "memory",
   "projection",
+  "subspace",
   "rotate_moments",
   "scale_by_adam_8bit",
   "scale_by_galore",

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import _subspace, projection
+from galore_jax import projection, subspace
 from galore_jax.adam import scale_by_transformers_adam
 from galore_jax.masks import resolve_tree
 from galore_jax.projection import GaLoreDimensionNumbers
@@ -53,7 +53,7 @@ class GaLoreState(NamedTuple):
   refresh_stats: Any = None
 
 
-RefreshStats = _subspace.RefreshStats
+RefreshStats = subspace.RefreshStats
 
 
 def _is_dn(x) -> bool:
@@ -84,7 +84,7 @@ def _layouts(params, mask, dimension_numbers, proj_type: str):
 
 # Accepted values of the string options (public as galore_jax.PROJ_TYPES etc., for config checks).
 PROJ_TYPES = projection.PROJ_TYPES
-SUBSPACE_METHODS = _subspace.METHODS
+SUBSPACE_METHODS = subspace.METHODS
 ON_REFRESH = ("keep", "reset", "rotate")
 
 
@@ -110,7 +110,7 @@ class GaLoreOptions(NamedTuple):
   on_refresh: str = "keep"
   align_signs: bool = False
   energy_tol: float | None = None
-  max_power_iters: int = _subspace.DEFAULT_MAX_POWER_ITERS
+  max_power_iters: int = subspace.DEFAULT_MAX_POWER_ITERS
 
 
 def _positive_int(name: str, value) -> None:
@@ -196,7 +196,7 @@ def scale_by_galore(
       receives `params` (they have full-rank shapes); asking for them raises a clear error.
     rank: subspace rank `r`; clipped per leaf to `min(I, O)` as the reference's thin SVD does.
     update_proj_gap: refresh period `T` in steps. A refresh factorises one matrix at a time
-      (each layer of a stacked leaf, each leaf; see `_subspace.refresh_leaves`), so its float32
+      (each layer of a stacked leaf, each leaf; see `subspace.refresh_leaves`), so its float32
       workspace is one matrix's, not that of every targeted gradient.
     scale: `α`, multiplies the projected-back update of targeted leaves only.
     proj_type: `"std"` (reduce the smaller dimension; square -> input), `"reverse_std"`,
@@ -229,7 +229,7 @@ def scale_by_galore(
       0.99: each matrix (each layer of a stack) iterates, from `power_iters` up to
       `max_power_iters` (inside `jit`, a `lax.while_loop`), until an a-posteriori certificate
       says its basis keeps at least this fraction of the exact top-`r` energy
-      (`_subspace.adaptive_left_basis`: a Ky Fan bound, conservative; slowly decaying spectra
+      (`subspace.adaptive_left_basis`: a Ky Fan bound, conservative; slowly decaying spectra
       cannot be certified and run to the maximum). The iterations and the certificate of the
       latest refresh are kept in `GaLoreState.refresh_stats`. May be injected.
     max_power_iters: the adaptive iterations' upper bound (an int >= 1; may be injected).
@@ -258,7 +258,7 @@ def scale_by_galore(
   if inner is None:
     inner = scale_by_transformers_adam()
   sign = "align" if o.align_signs else "canonical"
-  refresh_fn = _subspace.make_refresh_fn(
+  refresh_fn = subspace.make_refresh_fn(
     o.subspace_method,
     o.rank,
     o.oversample,
@@ -311,7 +311,7 @@ def scale_by_galore(
       todo = [i for i, pl in enumerate(plans) if pl is not None]
       items = [(canon[i], old[i], plans[i].side, jax.random.fold_in(base_key, i)) for i in todo]
       new, new_stats = list(old), list(old_stats)
-      for i, res in zip(todo, _subspace.refresh_leaves(refresh_fn, items, with_stats)):
+      for i, res in zip(todo, subspace.refresh_leaves(refresh_fn, items, with_stats)):
         new[i], new_stats[i] = res if with_stats else (res, None)
       return new, new_stats
 

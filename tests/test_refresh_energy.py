@@ -1,7 +1,7 @@
 """Accuracy-controlled randomized refresh (`energy_tol`): the certificate and the adaptive loop.
 
 Notation: `E* = Σ_{i<=r} σ_i²` the exact top-r energy, `η = ‖Pᵀ G‖² / E*` the true captured
-fraction of a basis `P`, `η̂` the certificate (`_subspace.adaptive_left_basis`).
+fraction of a basis `P`, `η̂` the certificate (`subspace.adaptive_left_basis`).
 """
 
 import functools
@@ -17,7 +17,7 @@ from flax import nnx
 
 import galore_jax as gj
 from configs import default
-from galore_jax import _subspace
+from galore_jax import subspace
 from train import data, optim
 from train import model as llama
 
@@ -68,7 +68,7 @@ def _true_fraction(g, p):
 
 @functools.cache
 def _adaptive(rank, oversample, tol, max_iters, power_iters=1):
-  fn = _subspace.make_refresh_fn(
+  fn = subspace.make_refresh_fn(
     "randomized", rank, oversample, power_iters, energy_tol=tol, max_power_iters=max_iters
   )
   return jax.jit(fn, static_argnums=2)
@@ -106,7 +106,7 @@ def test_certificate_is_conservative_and_the_loop_stops_only_when_certified(
   assert np.all(est <= eta + slack), (est, eta)
   assert np.all((est < tol) | (eta >= tol - slack))
   assert np.all((iters == max_iters) | (est >= tol)), (iters, est)
-  assert np.all(iters >= (1 if warm else _subspace.COLD_POWER_ITERS))
+  assert np.all(iters >= (1 if warm else subspace.COLD_POWER_ITERS))
 
 
 @pytest.mark.parametrize("kind", ["power-0.5", "power-1", "flat+noise", "geometric"])
@@ -123,7 +123,9 @@ def test_certificate_lies_within_its_stated_bracket(kind):
   x = np.linalg.qr(x)[0]
   g32, x32 = jnp.asarray(g, jnp.float32), jnp.asarray(x, jnp.float32)
   a_sq = jnp.sum(g32**2, axis=(-2, -1))
-  _, est = jax.jit(_subspace._certificate, static_argnums=2)(g32, x32, r, a_sq, jax.random.key(1))
+  _, est = jax.jit(subspace.energy_certificate, static_argnums=2)(
+    g32, x32, r, a_sq, jax.random.key(1)
+  )
   est = np.asarray(est)
   xt_a = np.swapaxes(x, -1, -2) @ g
   captured = np.sum(xt_a[..., :r, :] ** 2, axis=(-2, -1))

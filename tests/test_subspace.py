@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import galore_jax as gj
-from galore_jax import _subspace, projection
+from galore_jax import projection, subspace
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -47,7 +47,7 @@ def _energy(g, p):
 
 @functools.cache
 def _refresh(method, rank, oversample=8, power_iters=1, cold_power_iters=None, sign="canonical"):
-  fn = _subspace.make_refresh_fn(
+  fn = subspace.make_refresh_fn(
     method, rank, oversample, power_iters, cold_power_iters=cold_power_iters, sign=sign
   )
   return jax.jit(fn, static_argnums=2)
@@ -195,19 +195,19 @@ def test_cold_matrices_of_a_batch_get_cold_iterations():
 def test_align_signs_flips_against_previous_and_keeps_cold_start():
   new = jnp.array([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]])
   prev = jnp.array([[-0.9, 0.0], [0.1, -1.0], [0.0, 0.0]])
-  np.testing.assert_array_equal(_subspace.align_signs(new, prev), [[-1, 0], [0, -1], [0, 0]])
-  np.testing.assert_array_equal(_subspace.align_signs(new, jnp.zeros_like(prev)), new)
+  np.testing.assert_array_equal(subspace.align_signs(new, prev), [[-1, 0], [0, -1], [0, 0]])
+  np.testing.assert_array_equal(subspace.align_signs(new, jnp.zeros_like(prev)), new)
 
 
 def test_refresh_validates_its_arguments():
   with pytest.raises(ValueError, match="subspace_method"):
-    _subspace.make_refresh_fn("lanczos", 4, 8, 1)
+    subspace.make_refresh_fn("lanczos", 4, 8, 1)
   with pytest.raises(ValueError, match="power_iters"):
-    _subspace.make_refresh_fn("randomized", 4, 8, 0)
+    subspace.make_refresh_fn("randomized", 4, 8, 0)
   with pytest.raises(ValueError, match="oversample"):
-    _subspace.make_refresh_fn("randomized", 4, -1, 1)
+    subspace.make_refresh_fn("randomized", 4, -1, 1)
   with pytest.raises(ValueError, match="sign"):
-    _subspace.make_refresh_fn("svd", 4, 8, 1, sign="positive")
+    subspace.make_refresh_fn("svd", 4, 8, 1, sign="positive")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import galore_jax as gj
-from galore_jax import _subspace, projection
+from galore_jax import projection, subspace
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -135,7 +135,7 @@ def test_stacked_weights_equal_separate_weights():
 
 def _refresh_temp_bytes(shapes, dtype=jnp.bfloat16):
   """XLA's temp bytes of a jitted exact-SVD refresh of leaves of `shapes` (abstract, compiled)."""
-  refresh = _subspace.make_refresh_fn("svd", 8, 8, 1)
+  refresh = subspace.make_refresh_fn("svd", 8, 8, 1)
   gs = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
   prevs = [
     tuple(jax.ShapeDtypeStruct(p, dtype) for p in projection.projector_shapes(s, "in", 8))
@@ -143,7 +143,7 @@ def _refresh_temp_bytes(shapes, dtype=jnp.bfloat16):
   ]
 
   def run(gs, prevs):
-    return _subspace.refresh_leaves(
+    return subspace.refresh_leaves(
       refresh, [(g, p, "in", jax.random.key(0)) for g, p in zip(gs, prevs)]
     )
 
@@ -154,12 +154,12 @@ def test_refresh_runs_one_matrix_at_a_time():
   """Stacked [L, I, O] and L unrolled leaves refresh to the same bases, bit for bit, as each
   matrix alone, and the refresh's scratch is one matrix's, not L's: a batched SVD of 8 layers
   needs ~8x (float32 copies and factors of every layer at once)."""
-  refresh = _subspace.make_refresh_fn("svd", 3, 8, 1)
+  refresh = subspace.make_refresh_fn("svd", 3, 8, 1)
   key = jax.random.key(0)
 
   @jax.jit
   def run(gs, prevs):
-    return _subspace.refresh_leaves(refresh, [(g, p, "in", key) for g, p in zip(gs, prevs)])
+    return subspace.refresh_leaves(refresh, [(g, p, "in", key) for g, p in zip(gs, prevs)])
 
   g = jax.random.normal(jax.random.key(0), (2, 3, 10, 7), jnp.bfloat16)
   prev = jnp.zeros((2, 3, 10, 3), jnp.bfloat16)

@@ -52,7 +52,7 @@ def _t(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, -1, -2)
 
 
-def _orth(y_DxK: jax.Array) -> jax.Array:
+def orthonormalize(y_DxK: jax.Array) -> jax.Array:
   """Orthonormal column basis; Householder QR stays orthonormal when `y` is rank-deficient."""
   q, _ = jnp.linalg.qr(y_DxK, mode="reduced")
   return q
@@ -64,7 +64,7 @@ def _gaussian(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.random.normal(key, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
-def _row_ritz_left(a_DxE: jax.Array, x_DxK: jax.Array, r: int) -> jax.Array:
+def row_ritz_left(a_DxE: jax.Array, x_DxK: jax.Array, r: int) -> jax.Array:
   """Top-`r` left singular vectors of `a P_Z`, `P_Z` the projector onto `Z = span(aᵀ x)`.
 
   This is Rayleigh–Ritz on the row-space sketch: `(a P_Z)(a P_Z)ᵀ` is the Nyström approximation
@@ -74,7 +74,7 @@ def _row_ritz_left(a_DxE: jax.Array, x_DxK: jax.Array, r: int) -> jax.Array:
   captured energy (benchmarks/subspace_refresh.py). Householder QRs keep it defined for
   rank-deficient (even zero) `a`; no `k x k` inverse or Cholesky is involved.
   """
-  z_ExK = _orth(_mm(_t(a_DxE), x_DxK))
+  z_ExK = orthonormalize(_mm(_t(a_DxE), x_DxK))
   q_DxK, r_KxK = jnp.linalg.qr(_mm(a_DxE, z_ExK), mode="reduced")
   u_KxK, _, _ = jnp.linalg.svd(r_KxK, full_matrices=False)
   return _mm(q_DxK, u_KxK[..., :r])
@@ -92,7 +92,7 @@ def randomized_left_basis(
 
   The start block `x` is `[prev | Ω]`: the previous basis (`r` columns) plus `oversample`
   Gaussian columns; when `prev` is all zeros (first refresh) it is `r + oversample` Gaussian
-  columns. `q - 1` iterations `x <- orth(a aᵀ x)`, then `_row_ritz_left`, which applies `a aᵀ`
+  columns. `q - 1` iterations `x <- orth(a aᵀ x)`, then `row_ritz_left`, which applies `a aᵀ`
   once more and keeps the best `r` of the `k = r + oversample` dims. With `q` iterations the
   result lies in span((a aᵀ)^q [prev | Ω]), as in HMT's subspace iteration with `q` passes.
 
@@ -125,8 +125,8 @@ def randomized_left_basis(
   start = jnp.concatenate([prev_DxR.astype(jnp.float32), omega[..., : k - r]], axis=-1)
   x = jnp.where(warm, start, omega)
   iters = jnp.where(jnp.all(warm), power_iters, _cold_iters(power_iters, cold_power_iters))
-  x = jax.lax.fori_loop(0, iters - 1, lambda _, x: _orth(_mm(a_DxE, _mm(_t(a_DxE), x))), x)
-  return projection.canonical_sign(_row_ritz_left(a_DxE, x, r))
+  x = jax.lax.fori_loop(0, iters - 1, lambda _, x: orthonormalize(_mm(a_DxE, _mm(_t(a_DxE), x))), x)
+  return projection.canonical_sign(row_ritz_left(a_DxE, x, r))
 
 
 def _cold_iters(power_iters: int, cold_power_iters: int | None) -> int:
@@ -154,11 +154,13 @@ def _residual_norm(a_DxE, x_DxK, w_ExK, key) -> jax.Array:
   v = _gaussian(key, (*batch, e, _RHO_BLOCK))
   res = lambda v: _mm(a_DxE, v) - _mm(x_DxK, _mm(_t(w_ExK), v))  # R v
   res_t = lambda u: _mm(_t(a_DxE), u) - _mm(w_ExK, _mm(_t(x_DxK), u))  # Rᵀ u
-  v = jax.lax.fori_loop(0, _RHO_STEPS - 1, lambda _, v: _orth(res_t(res(_orth(v)))), v)
-  return jnp.linalg.svd(res(_orth(v)), compute_uv=False)[..., 0]
+  v = jax.lax.fori_loop(
+    0, _RHO_STEPS - 1, lambda _, v: orthonormalize(res_t(res(orthonormalize(v)))), v
+  )
+  return jnp.linalg.svd(res(orthonormalize(v)), compute_uv=False)[..., 0]
 
 
-def _certificate(a_DxE, x_DxK, r: int, a_sq, key):
+def energy_certificate(a_DxE, x_DxK, r: int, a_sq, key):
   """`(z = orth(aᵀ x), η̂)`: the certified energy fraction of `P = x[:, :r]` (see
   `adaptive_left_basis`) and the row-space basis the next iteration needs."""
   w_ExK = _mm(_t(a_DxE), x_DxK)
@@ -236,11 +238,11 @@ def adaptive_left_basis(
     x, z, est, j = c
     go = running(j, est)
     x_new = advance(x, z)
-    z_new, est_new = _certificate(a_DxE, x_new, r, a_sq, jax.random.fold_in(k_rho, j.max()))
+    z_new, est_new = energy_certificate(a_DxE, x_new, r, a_sq, jax.random.fold_in(k_rho, j.max()))
     keep = lambda new, old: jnp.where(go.reshape(go.shape + (1,) * (new.ndim - go.ndim)), new, old)
     return keep(x_new, x), keep(z_new, z), keep(est_new, est), j + go.astype(jnp.int32)
 
-  z, est = _certificate(a_DxE, x, r, a_sq, k_rho)
+  z, est = energy_certificate(a_DxE, x, r, a_sq, k_rho)
   j = jnp.zeros(batch, jnp.int32)
   x, _, est, j = jax.lax.while_loop(lambda c: jnp.any(running(c[3], c[2])), body, (x, z, est, j))
   basis = projection.canonical_sign(x[..., :r])
