@@ -45,7 +45,16 @@ except ImportError:  # pragma: no cover
   adam8bit = None
 
 GB = 1e9
-PAPER_RANK = {"9m": 64, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+# llama3-8b is not in the paper: the 7B rank, on LLaMA-3-8B shapes (train.model.RELEASED_SHAPES).
+PAPER_RANK = {
+  "9m": 64,
+  "60m": 128,
+  "130m": 256,
+  "350m": 256,
+  "1b": 512,
+  "7b": 1024,
+  "llama3-8b": 1024,
+}
 OPTIMIZERS = ("adamw", "galore_adamw", "adamw_8bit", "galore_adamw_8bit")
 
 

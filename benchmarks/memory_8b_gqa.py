@@ -9,20 +9,9 @@ from flax import nnx
 
 from configs import default
 from train import optim
-from train.model import Llama, LlamaConfig, count_params
+from train.model import Llama, count_params, llama_config
 
-cfg = LlamaConfig(
-  vocab_size=128256,
-  hidden_dim=4096,
-  mlp_dim=14336,
-  num_heads=32,
-  num_kv_heads=8,
-  num_layers=32,
-  rope_base=500000.0,
-  dtype="bfloat16",
-  param_dtype="bfloat16",
-  scan_layers=True,
-)
+cfg = llama_config("llama3-8b", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
 _, params = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 pb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 print("params", count_params(cfg), f"{pb / 2**30:.2f} GiB bf16")

@@ -197,11 +197,29 @@ LLAMA_SIZES: dict[str, LlamaConfig] = {
 }
 
 
+# Shapes of released checkpoints, for memory accounting (benchmarks) without the checkpoint; a
+# real fine-tune reads them from the checkpoint's config.json (`train.checkpoint_io`).
+RELEASED_SHAPES: dict[str, LlamaConfig] = {
+  # meta-llama/Meta-Llama-3-8B config.json: GQA 32 query / 8 key-value heads, vocab 128,256.
+  "llama3-8b": LlamaConfig(
+    vocab_size=128256,
+    hidden_dim=4096,
+    mlp_dim=14336,
+    num_heads=32,
+    num_layers=32,
+    num_kv_heads=8,
+    rms_norm_eps=1e-5,
+    rope_base=500000.0,
+  ),
+}
+
+
 def llama_config(size: str, **overrides: Any) -> LlamaConfig:
   """The reference's LLaMA config of a given size, with fields overridden.
 
   Args:
-    size: one of ``LLAMA_SIZES`` ("9m", "60m", "130m", ..., "7b").
+    size: one of ``LLAMA_SIZES`` ("9m", "60m", "130m", ..., "7b") or ``RELEASED_SHAPES``
+      ("llama3-8b").
     **overrides: ``LlamaConfig`` fields to replace, e.g. ``dtype=jnp.bfloat16``.
 
   Returns:
@@ -211,9 +229,10 @@ def llama_config(size: str, **overrides: Any) -> LlamaConfig:
 
     config = llama_config("60m", dtype="bfloat16", param_dtype="bfloat16", scan_layers=True)
   """
-  if size not in LLAMA_SIZES:
-    raise ValueError(f"unknown LLaMA size {size!r}; known sizes: {', '.join(LLAMA_SIZES)}")
-  return dataclasses.replace(LLAMA_SIZES[size], **overrides)
+  sizes = {**LLAMA_SIZES, **RELEASED_SHAPES}
+  if size not in sizes:
+    raise ValueError(f"unknown LLaMA size {size!r}; known sizes: {', '.join(sizes)}")
+  return dataclasses.replace(sizes[size], **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
