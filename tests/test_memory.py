@@ -107,9 +107,14 @@ def test_tree_bytes_of_abstract_and_concrete_trees_agree():
   assert tree_bytes(params) == tree_bytes(abstract) == sum(x.nbytes for x in params.values())
 
 
-def _tiny_llama_shapes(scan_layers):
+def _tiny_llama_shapes(scan_layers, num_kv_heads=0):
   config = llama_config(
-    "9m", num_layers=2, vocab_size=300, param_dtype=jnp.bfloat16, scan_layers=scan_layers
+    "9m",
+    num_layers=2,
+    vocab_size=300,
+    param_dtype=jnp.bfloat16,
+    scan_layers=scan_layers,
+    num_kv_heads=num_kv_heads,
   )
   params = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param)
   named = [("/".join(map(str, p)), tuple(v.shape)) for p, v in nnx.to_flat_state(params)]
@@ -127,10 +132,11 @@ def _alias(name, rank, proj_type):
   }[name]()
 
 
+@pytest.mark.parametrize("num_kv_heads", [0, 2])  # 2: grouped-query k/v kernels [D, D / 2]
 @pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_estimator_matches_state_bytes_on_a_tiny_llama(optimizer, scan_layers):
-  params, named = _tiny_llama_shapes(scan_layers)
+def test_estimator_matches_state_bytes_on_a_tiny_llama(optimizer, scan_layers, num_kv_heads):
+  params, named = _tiny_llama_shapes(scan_layers, num_kv_heads)
   for rank, proj_type in ((16, "std"), (64, "reverse_std"), (500, "full")):  # 500: clipped
     exact = state_bytes(_alias(optimizer, rank, proj_type), params)
     est = estimate_state_bytes(named, optimizer, rank=rank, dtype=jnp.bfloat16, proj_type=proj_type)

@@ -402,13 +402,22 @@ def test_param_counts_match_reference(size):
   assert counts["galore_target"] == config.num_layers * (4 * d * d + 3 * d * f)
 
 
+def test_released_shapes_match_their_published_counts():
+  # meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters (its safetensors index's total / 2).
+  config = llama_config("llama3-8b")
+  assert count_params(config)["total"] == 8_030_261_248
+  assert config.num_kv_heads == 8 and config.vocab_size == 128256 and not config.tie_word_embeddings
+
+
 def test_sizes_and_config_errors():
   assert set(LLAMA_SIZES) == set(REFERENCE_COUNTS)
   assert llama_config("100m").vocab_size == 32100 and llama_config("1b").num_heads == 32
   assert count_params(llama_config("60m", scan_layers=True)) == count_params(llama_config("60m"))
   config = llama_config("60m", dtype="bfloat16", param_dtype="bfloat16", remat_policy="full")
   assert config.dtype == jnp.bfloat16 and config.head_dim == 64
-  with pytest.raises(ValueError, match=r"unknown LLaMA size '13b'; known sizes: 9m, 20m, .*7b"):
+  with pytest.raises(
+    ValueError, match=r"unknown LLaMA size '13b'; known sizes: 9m, 20m, .*7b, llama3-8b"
+  ):
     llama_config("13b")
   with pytest.raises(ValueError, match="unknown remat_policy 'some'"):
     llama_config("9m", remat_policy="some")
