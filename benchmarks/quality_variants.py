@@ -1,4 +1,4 @@
-"""Quality in miniature: the paper's Table 2 on the bundled C4 sample.
+"""Quality variants of GaLore on the bundled C4 sample (the tuned Table 2 is benchmarks/quality.py).
 
 Trains the same model on the same data from the same seed for the same number of steps with
 several optimizers, then prints one markdown table (eval perplexity, optimizer-state bytes,
