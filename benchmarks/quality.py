@@ -9,12 +9,14 @@ Defaults are the issue's recipe: 200 steps of 16 x 256 tokens (the torch peer's 
 
   .venv/bin/python -m benchmarks.quality --workdir=runs/table2 [--steps=200] [--batch=16]
       [--seq_len=256] [--shard=0/2]   # run the shards as parallel processes, then:
+  .venv/bin/python -m benchmarks.quality --workdir=runs/table2 --run=lora:0.001 --run=lora:0.001:1
   .venv/bin/python -m benchmarks.quality --workdir=runs/table2 --report
 
 A shard owns whole methods (sweep, then its best rerun), so parallel shards never wait on each
 other. Every finished run writes `<run>/result.json` and is skipped when the command is run
 again (resumable); `--report` (or the end of any shard) writes `results.json`, prints the tables
-from whatever has finished and draws `table2.png`. `--dry_run` only builds every config.
+from whatever has finished and draws `table2.png`. `--run=METHOD:VALUE[:SEED]` runs just those settings (to fill
+in a grid point or a seed by hand). `--dry_run` only builds every config.
 """
 
 from __future__ import annotations
@@ -145,6 +147,18 @@ def extension(results: list[dict], method: str) -> dict | None:
   return None
 
 
+def parse_run(spec: str) -> tuple[str, dict, int]:
+  """`METHOD:VALUE[:SEED]` -> (method, {swept key: VALUE}, seed), with a clear error."""
+  method, *rest = spec.split(":")
+  if method not in METHODS or len(rest) not in (1, 2):
+    raise SystemExit(f"--run={spec!r}: expected METHOD:VALUE[:SEED], METHOD one of {list(METHODS)}")
+  key = next(iter(METHODS[method][2][0]))
+  try:
+    return method, {key: float(rest[0])}, int(rest[1]) if len(rest) == 2 else 0
+  except ValueError:
+    raise SystemExit(f"--run={spec!r}: VALUE must be a number and SEED an integer") from None
+
+
 def finished(root: Path) -> list[dict]:
   return [json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))]
 
@@ -218,12 +232,23 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--shard", default="0/1", help="i/n: this process runs methods i::n")
+  parser.add_argument(
+    "--run",
+    action="append",
+    default=[],
+    metavar="METHOD:VALUE[:SEED]",
+    help="run only this setting (the method's swept value; seed 0 unless given); repeatable",
+  )
   parser.add_argument("--report", action="store_true", help="only print the tables and plot")
   parser.add_argument("--dry_run", action="store_true", help="only build every config")
   args = parser.parse_args()
   root = Path(args.workdir)
   root.mkdir(parents=True, exist_ok=True)
-  if not args.report:
+  if args.run:
+    for spec in args.run:
+      method, sweep, seed = parse_run(spec)
+      run(root, method, sweep, seed, args)
+  elif not args.report:
     i, n = map(int, args.shard.split("/"))
     mine = list(METHODS)[i::n]
     for method in mine:
