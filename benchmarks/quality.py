@@ -15,8 +15,8 @@ Defaults are the issue's recipe: 200 steps of 16 x 256 tokens (the torch peer's 
 A shard owns whole methods (sweep, then its best rerun), so parallel shards never wait on each
 other. Every finished run writes `<run>/result.json` and is skipped when the command is run
 again (resumable); `--report` (or the end of any shard) writes `results.json`, prints the tables
-from whatever has finished and draws `table2.png`. `--run=METHOD:VALUE[:SEED]` runs just those settings (to fill
-in a grid point or a seed by hand). `--dry_run` only builds every config.
+from whatever has finished and draws `table2.png`. `--run=METHOD:VALUE[:SEED]` runs just those
+settings (to fill in a grid point or a seed by hand). `--dry_run` only builds every config.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def plot(root: Path, results: list[dict]) -> None:
       continue
     records = trainer.load_metrics(root / b["run"])
     train = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
-    k = 10  # moving average over 10 steps: single small batches are noisy
+    k = 3  # moving mean over 3 logged steps (train.log_every apart): single batches are noisy
     steps = [s for s, _ in train][k - 1 :]
     smooth = [sum(v for _, v in train[i - k + 1 : i + 1]) / k for i in range(k - 1, len(train))]
     ax_loss.plot(steps, smooth, label=f"{method} ({b['run']})")
@@ -216,7 +216,8 @@ def plot(root: Path, results: list[dict]) -> None:
     )
     xs = [list(r["sweep"].values())[0] for r in mine]
     ax_lr.plot(xs, [math.log(r["eval_perplexity"]) for r in mine], "o-", label=method)
-  ax_loss.set(xlabel="step", ylabel="train loss (10-step mean)", title="best setting, seed 0")
+  ylabel = "train loss (mean of 3 logged steps)"
+  ax_loss.set(xlabel="step", ylabel=ylabel, title="best setting, seed 0")
   ax_lr.set(xscale="log", xlabel="swept lr (adamw_group: scale)", ylabel="eval loss")
   for ax in (ax_loss, ax_lr):
     ax.grid(alpha=0.3)

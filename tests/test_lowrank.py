@@ -217,3 +217,21 @@ def test_adapters_reject_the_fused_update():
   config = _config("lora", fused_update=True)
   with pytest.raises(ValueError, match=r"config\.optimizer\.name='lora' does not run with .*fused"):
     trainer.build(config)
+
+
+def test_quality_benchmark_run_specs_name_the_same_runs_as_its_sweep():
+  """`benchmarks.quality --run=` fills in exactly the run a sweep or grid extension would write."""
+  from benchmarks import quality  # noqa: PLC0415
+
+  assert quality.parse_run("lora:0.003") == ("lora", {"optimizer.learning_rate": 0.003}, 0)
+  method, sweep, seed = quality.parse_run("adamw_group:0.03125:1")
+  assert (method, sweep, seed) == ("adamw_group", {"optimizer.target_lr_scale": 0.03125}, 1)
+  grid = [{"method": "lora", "seed": 0, "sweep": s, "eval_perplexity": p}
+          for s, p in zip(quality.METHODS["lora"][2], (900.0, 1000.0, 1100.0))]  # fmt: skip
+  extension = quality.extension(grid, "lora")  # best at the low end: one step below it
+  assert extension == {"optimizer.learning_rate": pytest.approx(0.003 * 0.003 / 0.01)}
+  by_hand = quality.parse_run(f"lora:{extension['optimizer.learning_rate']!r}")[1]
+  assert quality.run_name("lora", by_hand, 0) == quality.run_name("lora", extension, 0)
+  for bad in ("lora", "sgd:0.1", "lora:fast", "lora:0.1:one", "lora:0.1:1:2"):
+    with pytest.raises(SystemExit, match="--run="):
+      quality.parse_run(bad)
