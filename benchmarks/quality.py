@@ -53,6 +53,12 @@ METHODS: dict[str, tuple[str, dict, list[dict], float | None]] = {
     [{"optimizer.learning_rate": lr} for lr in (3e-3, 1e-2, 3e-2)],
     34.88,
   ),
+  "galore_group": (
+    "GaLore-AdamW r=32, T=50, lr 0.01 x scale on attention/MLP",
+    {"optimizer.name": "galore_adamw", "optimizer.learning_rate": 1e-2},
+    [{"optimizer.scale": s} for s in (0.03125, 0.0625, 0.125, 0.25)],
+    34.88,
+  ),
   "low_rank": (
     "low-rank W = BA, r=32",
     {"optimizer.name": "low_rank"},
@@ -88,7 +94,8 @@ def run_config(method: str, sweep: dict, seed: int, args):
     section, field = key.split(".")
     c[section][field] = value
   c.train.update(num_steps=args.steps, batch_size=args.batch, seed=seed, progress_bar=False)
-  c.train.update(eval_every=max(args.steps // 2, 1), checkpoint_every=args.steps)
+  eval_every = args.eval_every or max(args.steps // 2, 1)
+  c.train.update(eval_every=eval_every, checkpoint_every=min(args.checkpoint_every, args.steps))
   c.data.update(seq_len=args.seq_len, mode="pad", seed=seed)
   return c
 
@@ -182,8 +189,9 @@ def report(root: Path, args) -> None:
     at_end = b["sweep"][next(iter(b["sweep"]))] in (values[0], values[-1])
     edge = " (best at an end of the grid)" if at_end else ""
     lr = setting.get("optimizer.learning_rate", 1e-2)
-    if "optimizer.target_lr_scale" in setting:
-      lr = f"{lr:g} x {setting['optimizer.target_lr_scale']:g}"
+    for group_key in ("optimizer.target_lr_scale", "optimizer.scale"):
+      if group_key in setting:
+        lr = f"{lr:g} x {setting[group_key]:g}"
     print(
       f"| {method} | {desc} | {lr} | {sum(ppls) / len(ppls):.1f} | "
       f"{' / '.join(f'{p:.1f}' for p in ppls)}{edge} | {b['trainable'] / 1e6:.2f}M | "
@@ -232,6 +240,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=200)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--eval_every", type=int, default=0, help="default: steps // 2")
+  parser.add_argument(
+    "--checkpoint_every", type=int, default=100, help="checkpoint period (runs resume from it)"
+  )
   parser.add_argument("--shard", default="0/1", help="i/n: this process runs methods i::n")
   parser.add_argument(
     "--run",
