@@ -7,6 +7,8 @@ Modules, from the bottom up (each imports only those above it):
 * `adam`: transformers-style Adam and after-update weight decay (what `GaLoreAdamW` forks).
 * `adam8bit`: bitsandbytes' block-wise 8-bit Adam core.
 * `subspace`: the refresh's range finders (exact SVD, warm-started randomized, accuracy-controlled).
+* `targets`: which leaves are projected, as what matrices, at what state cost
+  (`galore_targets`).
 * `transform`: `scale_by_galore`, its state and its options.
 * `alias`: `galore`, `galore_adamw`, `adamw_8bit`, `galore_adamw_8bit`.
 * `layerwise`: updating one leaf (or one layer of a stacked leaf) at a time, in place.
@@ -32,9 +34,11 @@ from galore_jax.adam8bit import (
 from galore_jax.alias import adamw_8bit, galore, galore_adamw, galore_adamw_8bit
 from galore_jax.masks import galore_mask_by_path, llama_galore_mask, llama_vocab_mask
 from galore_jax.projection import GaLoreDimensionNumbers
+from galore_jax.targets import Target, format_targets, galore_targets
 from galore_jax.transform import (
   ON_REFRESH,
   PROJ_TYPES,
+  STATIC_ARGS,
   SUBSPACE_METHODS,
   GaLoreOptions,
   GaLoreState,
@@ -42,12 +46,15 @@ from galore_jax.transform import (
   galore_refresh_metrics,
   rotate_moments,
   scale_by_galore,
+  static_args,
 )
 
 __all__ = [
   "ON_REFRESH",
   "PROJ_TYPES",
+  "STATIC_ARGS",
   "SUBSPACE_METHODS",
+  "Target",
   "GaLoreDimensionNumbers",
   "GaLoreOptions",
   "GaLoreState",
@@ -62,8 +69,9 @@ __all__ = [
   "galore_adamw",
   "galore_adamw_8bit",
   "galore_mask_by_path",
+  "format_targets",
   "galore_refresh_metrics",
-  "galore_refresh_metrics",
+  "galore_targets",
   "llama_galore_mask",
   "llama_vocab_mask",
   "memory",
@@ -73,6 +81,7 @@ __all__ = [
   "scale_by_adam_8bit",
   "scale_by_galore",
   "scale_by_transformers_adam",
+  "static_args",
 ]
 
 __version__ = "0.1.0"

@@ -43,7 +43,8 @@ _STATIC_HINT = (
 
 
 class QuantizedMoment(NamedTuple):
-  """One optimizer moment of one leaf in 8 bits (see `galore_jax._quantize`).
+  """One optimizer moment of one leaf in 8 bits (see `galore_jax._quantize`): the per-leaf view
+  of `ScaleByAdam8bitState`'s `mu` / `mu_absmax` (or `nu` / `nu_absmax`) entries.
 
   Attributes:
     codes: uint8 `[num_blocks, block_size]`, indices into the moment's dynamic map; the
@@ -58,16 +59,30 @@ class QuantizedMoment(NamedTuple):
 class ScaleByAdam8bitState(NamedTuple):
   """State of `scale_by_adam_8bit`.
 
+  Every field is a tree laid out like the params with one array (or `optax.MaskedNode()`) per
+  parameter position, the optax convention that `flax.nnx.Optimizer` and
+  `optax.tree_utils.tree_map_params` rely on.
+
   Attributes:
     count: number of updates so far (int32).
-    mu: first moments, a tree shaped like the params: a `QuantizedMoment` per leaf with at least
-      `min_8bit_size` entries, else a float32 array of the leaf's shape.
+    mu: first moments: per leaf with at least `min_8bit_size` entries, the uint8 codes
+      `[num_blocks, block_size]` of the flattened, zero-padded leaf; else a float32 array of
+      the leaf's shape.
     nu: second moments, laid out like `mu`.
+    mu_absmax: per 8-bit leaf, the float32 scale of each block of `mu`, `[num_blocks]`;
+      `MaskedNode()` for float32 leaves.
+    nu_absmax: the same for `nu`.
+
+  Sharding: the codes and their scales split along the block axis (axis 0) together; a leaf's
+  blocks follow its row-major flattening, so splitting the blocks into `n` equal parts splits
+  the leaf's leading axis into `n` equal parts when `size / n` is a multiple of `block_size`.
   """
 
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
+  mu_absmax: optax.Updates
+  nu_absmax: optax.Updates
 
 
 def scale_by_adam_8bit(
@@ -142,12 +157,19 @@ def scale_by_adam_8bit(
     def zeros(p, keep, qmap):
       shape = jnp.shape(p)
       if keep or math.prod(shape) < min_size:
-        return jnp.zeros(shape, jnp.float32)
-      return QuantizedMoment(*_quantize.zeros_blockwise(math.prod(shape), qmap, bs))
+        return jnp.zeros(shape, jnp.float32), optax.MaskedNode()
+      return _quantize.zeros_blockwise(math.prod(shape), qmap, bs)
 
-    mu = jax.tree.map(lambda p, k: zeros(p, k, _SIGNED_MAP), params, keep32)
-    nu = jax.tree.map(lambda p, k: zeros(p, k, _UNSIGNED_MAP), params, keep32)
-    return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), mu, nu)
+    leaves, treedef = jax.tree.flatten(params)
+    keep32 = treedef.flatten_up_to(keep32)
+    mu, mu_absmax = (
+      list(zip(*[zeros(p, k, _SIGNED_MAP) for p, k in zip(leaves, keep32)])) or [()] * 2
+    )
+    nu, nu_absmax = (
+      list(zip(*[zeros(p, k, _UNSIGNED_MAP) for p, k in zip(leaves, keep32)])) or [()] * 2
+    )
+    trees = [treedef.unflatten(list(x)) for x in (mu, nu, mu_absmax, nu_absmax)]
+    return ScaleByAdam8bitState(jnp.zeros([], jnp.int32), *trees)
 
   def update_fn(updates, state, params=None):
     del params
@@ -159,7 +181,8 @@ def scale_by_adam_8bit(
     coeffs = (beta1, beta2, correction2 / correction1, jnp.asarray(eps, jnp.float32) * correction2)
 
     leaves, treedef = jax.tree.flatten(updates)
-    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    mus = [_view(c, a) for c, a in zip(*map(treedef.flatten_up_to, (state.mu, state.mu_absmax)))]
+    nus = [_view(c, a) for c, a in zip(*map(treedef.flatten_up_to, (state.nu, state.nu_absmax)))]
 
     # XLA:CPU performance, not semantics (both branches below are the same function): fused
     # with its several consumers (the Adam math, the block maxima, the requantisation), the
@@ -183,7 +206,8 @@ def scale_by_adam_8bit(
       new_nu.append(_store(v, v_state, _UNSIGNED_MAP, preserve_sign=False))
       if fenced and m_state.absmax.shape[0]:
         pred = pred | (new_nu[-1].absmax[0] < 0)  # still always true, now after this leaf
-    new_state = ScaleByAdam8bitState(count, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
+    (mu, mu_absmax), (nu, nu_absmax) = _unview(treedef, new_mu), _unview(treedef, new_nu)
+    new_state = ScaleByAdam8bitState(count, mu, nu, mu_absmax, nu_absmax)
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -205,6 +229,19 @@ def _adam_leaf(g, m_state, v_state, coeffs):
 def _fence_on_cpu() -> bool:
   """Whether the default backend is XLA:CPU (see the conditional in `update_fn`)."""
   return jax.default_backend() == "cpu"
+
+
+def _view(codes, absmax):
+  """A leaf's moment from its state entries: a `QuantizedMoment`, or the float32 array."""
+  return codes if isinstance(absmax, optax.MaskedNode) else QuantizedMoment(codes, absmax)
+
+
+def _unview(treedef, moments: list) -> tuple:
+  """Per-leaf moments -> (codes-or-float32 tree, absmax tree with `MaskedNode`s)."""
+  is_q = [isinstance(m, QuantizedMoment) for m in moments]
+  codes = [m.codes if q else m for m, q in zip(moments, is_q)]
+  absmax = [m.absmax if q else optax.MaskedNode() for m, q in zip(moments, is_q)]
+  return treedef.unflatten(codes), treedef.unflatten(absmax)
 
 
 def _load(state, qmap, shape):

@@ -47,8 +47,12 @@ def galore(
   Here `inner` is initialised on the low-rank shapes and runs on the projected gradients.
 
   Args:
-    inner: any optax optimizer, e.g. `optax.adam(1e-3)` or `optax.adafactor(1e-2)`; it must not
-      need `params` (chain weight decay after `galore` instead).
+    inner: any optax optimizer, e.g. `optax.adam(1e-3)`, `optax.adafactor(1e-2)`,
+      `optax.lion(1e-4)`. If it reads `params` (weight decay, Adafactor's parameter scale), it
+      gets each projected leaf's low-rank coordinates `Pᵀ W` (so `update` needs `params`):
+      decay inside `inner` shrinks the weight's component in the subspace, times `scale`. For
+      the reference's decay of the whole weight, use `galore_adamw(weight_decay=...)` or chain
+      `gj.add_decayed_weights_after_update(wd, lr)` after `galore`.
     rank: subspace rank.
     update_proj_gap: refresh period in steps.
     scale: multiplies the projected-back update of targeted leaves.
@@ -105,7 +109,7 @@ def galore_adamw(
     **options: GaLore's other options (`dimension_numbers`, ...; see `scale_by_galore`).
 
   Under `optax.inject_hyperparams`, declare the shape-fixing arguments static:
-  `static_args=("rank", "update_proj_gap", "proj_type", "mask")`.
+  `static_args=galore_jax.static_args(galore_adamw)`.
 
   Returns:
     An `optax.GradientTransformation`.

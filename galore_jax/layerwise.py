@@ -38,7 +38,6 @@ import optax
 from jax import lax
 
 from galore_jax import projection
-from galore_jax.adam8bit import QuantizedMoment
 from galore_jax.masks import path_names
 from galore_jax.transform import GaLoreState
 
@@ -126,9 +125,9 @@ class StateView:
   """An optimizer state as parameter-shaped nodes (entries per parameter leaf) and the rest.
 
   A node is any subtree with the parameters' structure as a prefix (`mu`, `nu`, GaLore's
-  projectors, ...); its entries are whatever sits at each parameter position (an array, a
-  tuple of projectors, a `QuantizedMoment`, `MaskedNode`). Everything else (counts, injected
-  hyperparameters) is shared by all leaves.
+  projectors, ...); its entries are whatever sits at each parameter position (an array or a
+  `MaskedNode`). Everything else (counts, injected hyperparameters) is shared by all leaves.
+  `projectors` holds the node indices of GaLore's bases (see `leaf_projectors`).
   """
 
   def __init__(self, state, layout: TreeLayout):
@@ -142,8 +141,12 @@ class StateView:
     galore = [p for p, x in galore if isinstance(x, GaLoreState)]
     if len(galore) > 1:
       raise ValueError("layerwise: more than one GaLoreState in the optimizer state.")
-    projectors = (*galore[0], jax.tree_util.GetAttrKey("projectors")) if galore else None
-    self.projectors = node_paths.index(projectors) if projectors in node_paths else None
+    # GaLore's projectors: one node per basis (`GaLoreState.projectors` is a tuple of trees).
+    self.projectors = None
+    if galore:
+      base = (*galore[0], jax.tree_util.GetAttrKey("projectors"))
+      found = tuple(i for i, p in enumerate(node_paths) if p[: len(base)] == base)
+      self.projectors = found or None
 
   def split(self, state, leaf_treedef) -> tuple[list[list], list]:
     outer = self.outer.flatten_up_to(state)
@@ -235,9 +238,22 @@ class LeafwiseOptimizer(NamedTuple):
     return lax.scan(body, init, jnp.arange(n))[0]
 
 
+def leaf_projectors(nodes: list, projectors: tuple | None) -> list:
+  """Per parameter leaf, the tuple of its GaLore bases (`MaskedNode`s if not projected), from
+  the nodes of a `StateView` and its `projectors` indices; None entries without GaLore."""
+  if projectors is None:
+    return [None] * (len(nodes[0]) if nodes else 0)
+  return list(zip(*(nodes[k] for k in projectors)))
+
+
+def is_projected(projectors) -> bool:
+  """Whether a leaf's `leaf_projectors` entry holds bases."""
+  return bool(projectors) and not isinstance(projectors[0], optax.MaskedNode)
+
+
 def moment_size(shape, projectors) -> int:
   """Entries of the optimizer's per-leaf moments: the leaf's, or GaLore's low-rank ones."""
-  if isinstance(projectors, optax.MaskedNode) or not isinstance(projectors, tuple):
+  if not is_projected(projectors):
     return math.prod(shape)
   *batch, in_dim, out_dim = shape
   if len(projectors) == 2:
@@ -250,15 +266,14 @@ def splits_evenly(entries: list, n: int, size: int) -> bool:
   """Whether n equal chunks of every entry's leading axis are n equal chunks of the leaf.
 
   True for element-wise states (`mu`, `nu` of the leaf's or the low-rank shape), stacked
-  projectors, and block-quantised moments whose blocks never straddle two chunks.
+  projectors, and block-quantised moments (uint8 codes `[blocks, block_size]`, and their
+  scales `[blocks]`) whose blocks never straddle two chunks.
   """
-  is_q = lambda x: isinstance(x, QuantizedMoment)
-  for x in jax.tree.leaves(entries, is_leaf=is_q):
-    if is_q(x):
-      blocks, block_size = x.codes.shape
+  for x in jax.tree.leaves(entries):
+    if np.ndim(x) == 2 and jnp.result_type(x) == jnp.uint8:  # 8-bit codes [blocks, block_size]
+      blocks, block_size = np.shape(x)
       if blocks * block_size != size or (size // n) % block_size:
         return False
-      x = x.codes
     if np.ndim(x) < 1 or np.shape(x)[0] % n:
       return False
   return True
@@ -270,7 +285,8 @@ def plan_chunks(layout: TreeLayout, nodes: list, projectors: int | None) -> dict
   Leaves of the head and the embedding larger than the largest block matrix are updated in
   about that many elements at a time, so their float32 optimizer temporaries stay that small.
   """
-  projs = lambda j: nodes[projectors][j] if projectors is not None else None
+  leaf_projs = leaf_projectors(nodes, projectors)
+  projs = lambda j: leaf_projs[j]
   entries = lambda j: [node[j] for node in nodes]
   n = layout.num_layers
   for j in layout.index[layout.stacked]:
@@ -284,7 +300,7 @@ def plan_chunks(layout: TreeLayout, nodes: list, projectors: int | None) -> dict
   chunks = {}
   for j in [j for g, idx in layout.index.items() if g != layout.stacked for j in idx]:
     shape, size = layout.shapes[j], math.prod(layout.shapes[j])
-    if size <= largest or projs(j) is not None and not isinstance(projs(j), optax.MaskedNode):
+    if size <= largest or is_projected(projs(j)):
       continue
     for c in range(-(-size // largest), shape[0] + 1):
       if shape[0] % c == 0 and splits_evenly(entries(j), c, size):
@@ -363,8 +379,8 @@ def galore_sides(view: StateView, params: list, nodes: list, proj_type: str) -> 
   if view.projectors is None:
     return [None] * len(params)
   out = []
-  for p, ps in zip(params, nodes[view.projectors]):
-    if isinstance(ps, optax.MaskedNode) or not isinstance(ps, tuple):
+  for p, ps in zip(params, leaf_projectors(nodes, view.projectors)):
+    if not is_projected(ps):
       out.append(None)
       continue
     in_dim, out_dim = np.shape(p)[-2:]
@@ -419,7 +435,10 @@ def make_accumulator(opt: LeafwiseOptimizer, full, nodes, shared, grp, proj_type
   sides = {g: lay.pick(g, galore_sides(opt.view, full, nodes, proj_type)) for g in grp}
   p0 = {g: [None] * len(sides[g]) for g in grp}
   if k_proj is not None:
-    p0 = {g: [ps if s else None for ps, s in zip(grp[g].nodes[k_proj], sides[g])] for g in grp}
+    p0 = {
+      g: [ps if s else None for ps, s in zip(leaf_projectors(grp[g].nodes, k_proj), sides[g])]
+      for g in grp
+    }
   zeros = {
     g: [
       accumulator_zeros(p, ps, s, accum_dtype)
@@ -435,7 +454,8 @@ def make_accumulator(opt: LeafwiseOptimizer, full, nodes, shared, grp, proj_type
 
     def compute():
       _, new_nodes, _ = opt.update(lay.index[g], grads, params, nodes_fn(), shared)
-      return [ps if s else None for ps, s in zip(new_nodes[k_proj], sides[g])]
+      new = leaf_projectors(new_nodes, k_proj)
+      return [ps if s else None for ps, s in zip(new, sides[g])]
 
     return lax.cond(is_first, compute, lambda: p0)
 

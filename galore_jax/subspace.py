@@ -129,8 +129,13 @@ def randomized_left_basis(
   return projection.canonical_sign(row_ritz_left(a_DxE, x, r))
 
 
-def _cold_iters(power_iters: int, cold_power_iters: int | None) -> int:
-  return max(power_iters, COLD_POWER_ITERS) if cold_power_iters is None else cold_power_iters
+def _cold_iters(power_iters, cold_power_iters: int | None):
+  """Iterations of a cold start; `power_iters` may be traced (injected)."""
+  if cold_power_iters is not None:
+    return cold_power_iters
+  if isinstance(power_iters, int):
+    return max(power_iters, COLD_POWER_ITERS)
+  return jnp.maximum(power_iters, COLD_POWER_ITERS)
 
 
 # Block power steps (block of `_RHO_BLOCK` columns) estimating the residual's spectral norm for
@@ -288,12 +293,22 @@ def make_refresh_fn(
       )
     compute = _svd_refresh(rank)
   elif method == "randomized":
-    checks = [("oversample", oversample, 0), ("power_iters", power_iters, 1)]
+    checks = [("oversample", oversample, 0)]
     if cold_power_iters is not None:
       checks.append(("cold_power_iters", cold_power_iters, 1))
     for name, value, low in checks:
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+        raise ValueError(
+          f"{name} must be a Python int >= {low} (it fixes shapes or the program), got "
+          f"{value!r}; under optax.inject_hyperparams list it in static_args "
+          "(galore_jax.static_args(factory))."
+        )
+    # `power_iters` only sets a loop's trip count, so it may be injected (traced).
+    its = _concrete(power_iters)
+    if isinstance(power_iters, bool) or (
+      its is not None and not (np.issubdtype(its.dtype, np.integer) and int(its) >= 1)
+    ):
+      raise ValueError(f"power_iters must be an int >= 1, got {power_iters!r}.")
     if energy_tol is None:
       compute = _randomized_refresh(oversample, power_iters, cold_power_iters)
     else:

@@ -20,35 +20,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from galore_jax import projection, subspace
+from galore_jax import projection, subspace, targets
 from galore_jax.adam import scale_by_transformers_adam
-from galore_jax.masks import resolve_tree
-from galore_jax.projection import GaLoreDimensionNumbers
 
-_NO_PARAMS_HINT = (
-  "galore: the inner optimizer asked for `params`, but it runs on low-rank projected gradients "
-  "whose shapes differ from the parameters, so GaLore never passes them. Put parameter-dependent "
-  "transforms (e.g. weight decay) outside GaLore: "
-  "optax.chain(gj.galore(inner, ...), optax.add_decayed_weights(...), ...)."
+_NEEDS_PARAMS = (
+  "galore: the inner optimizer needs `params` (e.g. weight decay or Adafactor's parameter "
+  "scale): pass them, `tx.update(grads, state, params)`; GaLore hands the inner optimizer each "
+  "projected leaf's low-rank coordinates `Pᵀ W`."
 )
 
 
 class GaLoreState(NamedTuple):
   """State of `scale_by_galore`.
 
+  Every field is a tree of arrays laid out like the params, one array per parameter position
+  (the optax convention): frameworks that wrap each parameter position of an optimizer state in
+  a container of their own (`flax.nnx.Optimizer`) and `optax.tree_utils.tree_map_params` see the
+  same structure after every update.
+
   Attributes:
     count: number of updates applied so far (int32); a refresh happens when
       `count % update_proj_gap == 0`, so the first update computes a subspace.
-    projectors: a tree shaped like the params; each projected leaf holds a tuple of orthonormal
-      bases `P_[batch]xDxR` (one, or two for `proj_type="full"`), others `optax.MaskedNode()`.
+    projectors: a tuple of trees shaped like the params, one per basis: `(bases,)`, or
+      `(input-axis bases, output-axis bases)` for `proj_type="full"`. A projected leaf holds an
+      orthonormal basis `P_[batch]xDxR`, other leaves `optax.MaskedNode()`.
     inner_state: the inner optimizer's state, built on the low-rank shapes.
-    refresh_stats: None, or with `energy_tol`: a tree like `projectors` whose projected leaves
-      hold one `RefreshStats` per basis (`iterations` and certified `energy_estimate` of the
-      latest refresh, shaped like the leaf's batch axes); see `galore_refresh_metrics`.
+    refresh_stats: None, or with `energy_tol`: a `RefreshStats` of two trees shaped like the
+      params; a projected leaf holds the `iterations` and the certified `energy_estimate` of the
+      latest refresh, shaped `[*batch, num_bases]`, other leaves `MaskedNode()`; see
+      `galore_refresh_metrics`.
   """
 
   count: jax.Array
-  projectors: Any
+  projectors: tuple
   inner_state: optax.OptState
   refresh_stats: Any = None
 
@@ -56,36 +60,44 @@ class GaLoreState(NamedTuple):
 RefreshStats = subspace.RefreshStats
 
 
-def _is_dn(x) -> bool:
-  return x is None or isinstance(x, GaLoreDimensionNumbers)
-
-
-def _layouts(params, mask, dimension_numbers, proj_type: str):
-  """Per-leaf `MatrixLayout` or None (not projected), from static shapes only."""
-  mask_tree = resolve_tree(mask, params)
-  dn_tree = resolve_tree(dimension_numbers, params)
-  if mask_tree is None:
-    mask_tree = jax.tree.map(lambda _: True, params)
-  if dn_tree is None or isinstance(dn_tree, GaLoreDimensionNumbers):
-    dn_tree = jax.tree.map(lambda _, d=dn_tree: d, params)
-
-  def plan(p, m, dn):
-    if not m or p is None:
-      return None
-    if dn is None:
-      if jnp.ndim(p) < 2:
-        return None
-      dn = GaLoreDimensionNumbers()
-    return projection.matrix_layout(tuple(jnp.shape(p)), dn, proj_type)
-
-  dn_tree = jax.tree.map(lambda _, d: d, params, dn_tree, is_leaf=_is_dn)
-  return jax.tree.map(plan, params, mask_tree, dn_tree, is_leaf=_is_dn)
-
-
 # Accepted values of the string options (public as galore_jax.PROJ_TYPES etc., for config checks).
 PROJ_TYPES = projection.PROJ_TYPES
 SUBSPACE_METHODS = subspace.METHODS
 ON_REFRESH = ("keep", "reset", "rotate")
+
+# Options that fix state shapes or the program's structure: under `optax.inject_hyperparams`
+# they must be static (`static_args(factory)` picks those a factory takes). Every other numeric
+# option (`scale`, `power_iters`, `seed`, `energy_tol`, `max_power_iters`, and the aliases'
+# learning rate, betas, eps, weight decay) can be injected.
+STATIC_ARGS = (
+  "rank",
+  "update_proj_gap",
+  "proj_type",
+  "mask",
+  "dimension_numbers",
+  "projector_dtype",
+  "subspace_method",
+  "oversample",
+  "on_refresh",
+  "align_signs",
+  "block_size",
+  "min_8bit_size",
+  "float32_mask",
+)
+
+
+def static_args(factory: Callable) -> tuple[str, ...]:
+  """The arguments of `factory` (a galore-jax alias) that `optax.inject_hyperparams` must keep
+  static: those of `STATIC_ARGS` that it takes.
+
+  Example:
+    >>> import optax, galore_jax as gj
+    >>> static = gj.static_args(gj.galore_adamw)
+    >>> make = optax.inject_hyperparams(gj.galore_adamw, static_args=static)
+    >>> tx = make(learning_rate=1e-3, rank=64, subspace_method="randomized")
+  """
+  params = inspect.signature(factory).parameters
+  return tuple(name for name in STATIC_ARGS if name in params)
 
 
 class GaLoreOptions(NamedTuple):
@@ -113,29 +125,32 @@ class GaLoreOptions(NamedTuple):
   max_power_iters: int = subspace.DEFAULT_MAX_POWER_ITERS
 
 
-def _positive_int(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _static_int(name: str, value, low: int = 1) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
     raise ValueError(
-      f"galore: `{name}` must be a positive Python int (it fixes state shapes), got {value!r}. "
-      "Under optax.inject_hyperparams pass it in static_args=('rank', 'update_proj_gap', "
-      "'proj_type', ...)."
+      f"galore: `{name}` must be a Python int >= {low} (it fixes state shapes), got {value!r}. "
+      "Under optax.inject_hyperparams list it in static_args (galore_jax.static_args(factory) "
+      "lists every shape-fixing option)."
     )
 
 
 def validate_options(options: GaLoreOptions) -> GaLoreOptions:
   """Clear errors for option values the transform cannot honour; returns `options`."""
-  _positive_int("rank", options.rank)
-  _positive_int("update_proj_gap", options.update_proj_gap)
+  _static_int("rank", options.rank)
+  _static_int("update_proj_gap", options.update_proj_gap)
   choices = (
     ("proj_type", PROJ_TYPES),
     ("subspace_method", SUBSPACE_METHODS),
     ("on_refresh", ON_REFRESH),
   )
   for name, allowed in choices:
-    if getattr(options, name) not in allowed:
+    if not isinstance(getattr(options, name), str) or getattr(options, name) not in allowed:
       raise ValueError(f"galore: {name} must be one of {allowed}, got {getattr(options, name)!r}.")
   if not isinstance(options.align_signs, bool):
-    raise ValueError(f"galore: align_signs must be a bool, got {options.align_signs!r}.")
+    raise ValueError(
+      f"galore: align_signs must be a Python bool, got {options.align_signs!r} (under "
+      "optax.inject_hyperparams list it in static_args: galore_jax.static_args(factory))."
+    )
   return options
 
 
@@ -192,8 +207,10 @@ def scale_by_galore(
 
   Args:
     inner: optimizer run in the low-rank space (it includes its learning rate if it has one);
-      default: the reference's Adam normalisation (`scale_by_transformers_adam()`). It never
-      receives `params` (they have full-rank shapes); asking for them raises a clear error.
+      default: the reference's Adam normalisation (`scale_by_transformers_adam()`). If it reads
+      `params` (weight decay, a parameter scale), it gets `Pᵀ W` for each projected leaf (the
+      weight's coordinates in the subspace, shaped like the low-rank gradient) and the weight
+      itself for the others; optimizers that do not read them never cost that projection.
     rank: subspace rank `r`; clipped per leaf to `min(I, O)` as the reference's thin SVD does.
     update_proj_gap: refresh period `T` in steps. A refresh factorises one matrix at a time
       (each layer of a stacked leaf, each leaf; see `subspace.refresh_leaves`), so its float32
@@ -204,8 +221,13 @@ def scale_by_galore(
       Names follow the reference's PyTorch layout. Unlike the reference, `reverse_std` projects
       back on the side it projected (the reference mis-selects when `rank >= min(I, O)`).
     mask: pytree of bools or a callable `params -> pytree`; True leaves with ndim >= 2 (or with
-      dimension numbers) are projected. Default: all leaves with ndim >= 2. For the paper's
-      setup (attention and MLP kernels only) pass `galore_jax.llama_galore_mask`.
+      dimension numbers) are projected, leading axes beyond two being stacked layers unless
+      `dimension_numbers` say otherwise. Default: floating-point leaves with exactly two axes
+      (more axes need a mask or dimension numbers; such leaves are left at full rank with a
+      warning). For the paper's setup (attention and MLP kernels only) pass
+      `galore_jax.llama_galore_mask`. A leaf where GaLore would hold more state than Adam (a
+      rank too large for the matrix; the rank is clipped to `min(I, O)`) is warned about at
+      `init`; `galore_jax.galore_targets` lists every leaf's plan.
     dimension_numbers: None, one `GaLoreDimensionNumbers`, a pytree of them (None entries use
       the default), or a callable `params -> pytree`.
     projector_dtype: storage dtype of the projectors; default each parameter's dtype (the
@@ -268,19 +290,36 @@ def scale_by_galore(
     max_power_iters=o.max_power_iters,
   )
   with_stats = o.energy_tol is not None
+  num_bases = 2 if o.proj_type == "full" else 1
 
-  def flat_plans(tree):
+  def flat_plans(tree, warn=False):
     """Leaves of `tree`, their static layouts (None = full rank) and the treedef."""
-    leaves, treedef = jax.tree.flatten(tree)
-    plans = treedef.flatten_up_to(_layouts(tree, o.mask, o.dimension_numbers, o.proj_type))
+    leaves, plans, treedef, rows = targets.plan_leaves(
+      tree, o.mask, o.dimension_numbers, o.proj_type, o.rank, o.projector_dtype
+    )
+    if warn:
+      targets.warn_about(rows)
     return leaves, plans, treedef
 
+  def per_leaf(trees, treedef):
+    """A tuple of parameter-shaped trees -> per leaf, the tuple of its entries."""
+    return list(zip(*(treedef.flatten_up_to(t) for t in trees)))
+
+  def per_tree(entries, plans, treedef, n):
+    """The inverse of `per_leaf`; leaves that are not projected get `MaskedNode`s."""
+    return tuple(
+      treedef.unflatten(
+        [optax.MaskedNode() if pl is None else e[k] for e, pl in zip(entries, plans)]
+      )
+      for k in range(n)
+    )
+
   def init_fn(params):
-    leaves, plans, treedef = flat_plans(params)
+    leaves, plans, treedef = flat_plans(params, warn=True)
     projectors, low = [], []
     for p, plan in zip(leaves, plans):
       if plan is None:
-        projectors.append(optax.MaskedNode())
+        projectors.append(None)
         low.append(p)
         continue
       dtype = o.projector_dtype or jnp.asarray(p).dtype
@@ -291,19 +330,19 @@ def scale_by_galore(
     inner_state = inner.init(treedef.unflatten(low))
     stats = None
     if with_stats:
-      stats = treedef.unflatten(
-        [
-          optax.MaskedNode() if pl is None else _zero_stats(pl.canon_shape[:-2], len(pr))
-          for pl, pr in zip(plans, projectors)
-        ]
-      )
-    return GaLoreState(jnp.zeros([], jnp.int32), treedef.unflatten(projectors), inner_state, stats)
+      zero = [None if pl is None else _zero_stats(pl.canon_shape[:-2], num_bases) for pl in plans]
+      stats = RefreshStats(*per_tree(zero, plans, treedef, 2))
+    projs = per_tree(projectors, plans, treedef, num_bases)
+    return GaLoreState(jnp.zeros([], jnp.int32), projs, inner_state, stats)
 
   def update_fn(updates, state, params=None):
-    del params  # never forwarded: the inner optimizer sees low-rank shapes.
     leaves, plans, treedef = flat_plans(updates)
-    old = treedef.flatten_up_to(state.projectors)
-    old_stats = treedef.flatten_up_to(state.refresh_stats) if with_stats else [None] * len(old)
+    old = per_leaf(state.projectors, treedef)
+    if with_stats:
+      old_stats = per_leaf(state.refresh_stats, treedef)
+      old_stats = [None if pl is None else RefreshStats(*s) for s, pl in zip(old_stats, plans)]
+    else:
+      old_stats = [None] * len(old)
     canon = [None if pl is None else projection.to_matrix(g, pl) for g, pl in zip(leaves, plans)]
     base_key = jax.random.fold_in(jax.random.key(o.seed), state.count)
 
@@ -312,7 +351,11 @@ def scale_by_galore(
       items = [(canon[i], old[i], plans[i].side, jax.random.fold_in(base_key, i)) for i in todo]
       new, new_stats = list(old), list(old_stats)
       for i, res in zip(todo, subspace.refresh_leaves(refresh_fn, items, with_stats)):
-        new[i], new_stats[i] = res if with_stats else (res, None)
+        if with_stats:
+          new[i], per_basis = res
+          new_stats[i] = RefreshStats(*(jnp.stack(x, axis=-1) for x in zip(*per_basis)))
+        else:
+          new[i] = res
       return new, new_stats
 
     # One real conditional for the whole tree, outside any vmap, so non-refresh steps never run
@@ -335,12 +378,20 @@ def scale_by_galore(
       g if pl is None else projection.project(c, p, pl.side)
       for g, c, pl, p in zip(leaves, canon, plans, projs)
     ]
-    try:
-      low_updates, inner_state = inner.update(treedef.unflatten(low), inner_state, None)
-    except ValueError as e:
-      if "params" in str(e):
-        raise ValueError(_NO_PARAMS_HINT) from e
-      raise
+    low_params = None
+    if params is not None:
+      # What the inner optimizer sees as the parameter of a projected leaf: its coordinates in
+      # the subspace, `Pᵀ W` (shaped like the low-rank gradient). Weight decay inside `inner`
+      # then decays the weight's component in the subspace (times `scale`), and a parameter
+      # scale (Adafactor's) uses `RMS(Pᵀ W)`, which equals `RMS(W)` in expectation for a
+      # subspace independent of W. Computed only when `inner` reads params.
+      low_params = treedef.unflatten(
+        [
+          w if pl is None else projection.project(projection.to_matrix(w, pl), p, pl.side)
+          for w, pl, p in zip(treedef.flatten_up_to(params), plans, projs)
+        ]
+      )
+    low_updates, inner_state = _inner_update(inner, treedef.unflatten(low), inner_state, low_params)
 
     out = []
     for n, g, pl, p in zip(treedef.flatten_up_to(low_updates), leaves, plans, projs):
@@ -349,11 +400,15 @@ def scale_by_galore(
       else:
         full = projection.project_back(n, p, pl.side) * o.scale
         out.append(projection.from_matrix(full, pl).astype(g.dtype))
+    new_stats = None
+    if with_stats:
+      stats_entries = [None if pl is None else tuple(s) for s, pl in zip(stats, plans)]
+      new_stats = RefreshStats(*per_tree(stats_entries, plans, treedef, 2))
     new_state = GaLoreState(
       optax.safe_increment(state.count),
-      treedef.unflatten(projs),
+      per_tree(projs, plans, treedef, num_bases),
       inner_state,
-      treedef.unflatten(stats) if with_stats else None,
+      new_stats,
     )
     return treedef.unflatten(out), new_state
 
@@ -361,9 +416,22 @@ def scale_by_galore(
 
 
 def _zero_stats(batch: tuple[int, ...], n_bases: int) -> tuple:
-  """Placeholder stats before the first refresh: 0 iterations, estimate 0."""
-  zero = RefreshStats(jnp.zeros(batch, jnp.int32), jnp.zeros(batch, jnp.float32))
-  return (zero,) * n_bases
+  """Placeholder stats before the first refresh: 0 iterations, estimate 0, per basis."""
+  return jnp.zeros((*batch, n_bases), jnp.int32), jnp.zeros((*batch, n_bases), jnp.float32)
+
+
+def _inner_update(inner, low_updates, inner_state, low_params):
+  """`inner.update`, given the low-rank params only when it asks for them (a ValueError that
+  names params, as optax's `add_decayed_weights` raises), so that optimizers that do not read
+  them never pay for the extra projection of the weights."""
+  try:
+    return inner.update(low_updates, inner_state, None)
+  except ValueError as e:
+    if "param" not in str(e).lower():
+      raise
+    if low_params is None:
+      raise ValueError(_NEEDS_PARAMS) from e
+  return inner.update(low_updates, inner_state, low_params)
 
 
 def galore_refresh_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
@@ -381,18 +449,16 @@ def galore_refresh_metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     >>> float(gj.galore_refresh_metrics(state)["refresh_energy_min"]) >= 0.99
     True
   """
-  is_stats = lambda x: isinstance(x, RefreshStats)
   found = [
-    s
+    g.refresh_stats
     for g in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GaLoreState))
     if isinstance(g, GaLoreState) and g.refresh_stats is not None
-    for s in jax.tree.leaves(g.refresh_stats, is_leaf=is_stats)
-    if is_stats(s)
   ]
-  if not found:
+  iters = [jnp.ravel(x) for s in found for x in jax.tree.leaves(s.iterations)]
+  est = [jnp.ravel(x) for s in found for x in jax.tree.leaves(s.energy_estimate)]
+  if not iters:
     return {}
-  iters = jnp.concatenate([jnp.ravel(s.iterations) for s in found]).astype(jnp.float32)
-  est = jnp.concatenate([jnp.ravel(s.energy_estimate) for s in found])
+  iters, est = jnp.concatenate(iters).astype(jnp.float32), jnp.concatenate(est)
   return {
     "refresh_iters_mean": jnp.mean(iters),
     "refresh_iters_max": jnp.max(iters),
@@ -426,7 +492,7 @@ def _refresh_moments(inner_state, treedef, plans, new_projs, old_projs, on_refre
     for x, pl, pn, po in zip(leaves, plans, new_projs, old_projs):
       if pl is None:
         out.append(x)
-      elif not hasattr(x, "shape"):
+      elif not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(
           f"galore: on_refresh={on_refresh!r} cannot transform a {type(x).__name__} moment "
           "(e.g. 8-bit quantised states); use on_refresh='keep'."

@@ -12,7 +12,6 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 import galore_jax as gj
-from galore_jax import adam8bit
 from train import fused
 from train.model import Llama, LlamaConfig, next_token_loss
 
@@ -49,7 +48,7 @@ def _tokens():
 def _galore_projectors(state):
   is_galore = lambda x: isinstance(x, gj.GaLoreState)
   found = [x for x in jax.tree.leaves(state, is_leaf=is_galore) if is_galore(x)]
-  return found[0].projectors if found else None
+  return found[0].projectors[0] if found else None  # the (only) basis tree
 
 
 def _per_layer(fn, p, x):
@@ -76,7 +75,7 @@ def _reference_step(tx, k: int, clip: float):
   graph = nnx.split(
     Llama(dataclasses.replace(CONFIG, remat_policy="full"), rngs=nnx.Rngs(0)), nnx.Param
   )[0]
-  is_p = lambda x: isinstance(x, (tuple, optax.MaskedNode))
+  is_p = lambda x: isinstance(x, optax.MaskedNode) or hasattr(x, "shape")
 
   def loss(params, tokens):
     return next_token_loss(nnx.merge(graph, params)(tokens), tokens)
@@ -96,7 +95,7 @@ def _reference_step(tx, k: int, clip: float):
       def low(ps, *g):  # Σ_k Pᵀ G_k ("in": input axis reduced when out >= in) or Σ_k G_k P
         if isinstance(ps, optax.MaskedNode):
           return sum(x.astype(jnp.float32) for x in g)
-        p = ps[0].astype(jnp.float32)
+        p = ps.astype(jnp.float32)
         if g[0].shape[-1] >= g[0].shape[-2]:
           f = lambda p, x: jnp.einsum("ir,io->ro", p, x)
         else:
@@ -106,7 +105,7 @@ def _reference_step(tx, k: int, clip: float):
       def back(ps, a, param):  # P (Σ_k Pᵀ G_k) or (Σ_k G_k P) Pᵀ
         if isinstance(ps, optax.MaskedNode):
           return a
-        p = ps[0].astype(jnp.float32)
+        p = ps.astype(jnp.float32)
         if param.shape[-1] >= param.shape[-2]:
           return _per_layer(lambda p, a: jnp.einsum("ir,ro->io", p, a), p, a)
         return _per_layer(lambda p, a: jnp.einsum("ir,or->io", a, p), p, a)
@@ -197,8 +196,8 @@ def _subspace_condition(grads, state, mask) -> float:
 
 def _codes_and_floats(state):
   """(8-bit moments, float leaves, integer leaves) of an optimizer state."""
-  is_q = lambda x: isinstance(x, adam8bit.QuantizedMoment)
-  leaves = jax.tree.leaves(state, is_leaf=is_q)
+  is_q = lambda x: x.dtype == jnp.uint8  # 8-bit codes; their float32 scales are floats
+  leaves = jax.tree.leaves(state)
   codes = [x for x in leaves if is_q(x)]
   rest = [x for x in leaves if not is_q(x)]
   floats = [x for x in rest if jnp.issubdtype(x.dtype, jnp.floating)]
@@ -279,9 +278,8 @@ def test_fused_equals_standard_step(name, k, clip):
     for a, b in zip(i_ref, i):
       assert a.dtype == b.dtype and int(a) == int(b) == step + 1
     for a, b in zip(q_ref, q):
-      delta = np.abs(np.asarray(a.codes, np.int32) - np.asarray(b.codes, np.int32))
-      assert delta.max() <= 1, (step, a.codes.shape, delta.max())
-      assert _rel(a.absmax, b.absmax) <= rtol, (step, _rel(a.absmax, b.absmax), rtol)
+      delta = np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
+      assert delta.max() <= 1, (step, a.shape, delta.max())
     ref_params, ref_state = new_params, new_state
   assert refreshes == ("galore" in name) * len(range(0, STEPS, GAP))
   assert int(state.step) == STEPS

@@ -110,7 +110,7 @@ def test_galore_targets_moments_and_projectors_split_along_the_kept_axis():
   assert specs[".opt_state[0].inner_state.mu['layers']['mlp']['down_proj']['kernel'].value"] == (
     kept_in
   )
-  proj = ".opt_state[0].projectors['layers']['attn']['q_proj']['kernel'].value[0]"
+  proj = ".opt_state[0].projectors[0]['layers']['attn']['q_proj']['kernel'].value"
   assert specs[proj] == P(None, "fsdp", None)  # [N, D, r] along D
   assert _by_path(_specs(state, shard_projectors=False))[proj] == P()
   # Not targeted: largest divisible axis; scalars and the RNG replicated.
@@ -139,10 +139,10 @@ def test_indivisible_kept_axis_falls_back_to_the_reduced_axis():
   q = "['layers']['attn']['q_proj']['kernel'].value"
   assert stored[f".params{gate}"] == P(None, "fsdp", None)  # [N, D, F]: D, the reduced axis
   assert stored[f".opt_state[0].inner_state.mu{gate}"] == P(None, "fsdp", None)  # [N, r, F]
-  assert stored[f".opt_state[0].projectors{gate}[0]"] == P(None, "fsdp", None)
-  assert update[f".opt_state[0].projectors{gate}[0]"] == P(None, "fsdp", None)
-  assert stored[f".opt_state[0].projectors{q}[0]"] == P(None, "fsdp", None)
-  assert update[f".opt_state[0].projectors{q}[0]"] == P()  # gathered for the update
+  assert stored[f".opt_state[0].projectors[0]{gate}"] == P(None, "fsdp", None)
+  assert update[f".opt_state[0].projectors[0]{gate}"] == P(None, "fsdp", None)
+  assert stored[f".opt_state[0].projectors[0]{q}"] == P(None, "fsdp", None)
+  assert update[f".opt_state[0].projectors[0]{q}"] == P()  # gathered for the update
 
 
 def test_reverse_std_keeps_the_other_axis_and_low_rank_moments_follow():
@@ -156,10 +156,11 @@ def test_reverse_std_keeps_the_other_axis_and_low_rank_moments_follow():
 @pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit"])
 def test_8bit_moments_split_by_whole_blocks(name):
   specs = _by_path(_specs(_tiny_abstract_state(name)))
-  codes = {p: s for p, s in specs.items() if p.endswith(".codes")}
+  scale = lambda p: p.replace(".mu[", ".mu_absmax[").replace(".nu[", ".nu_absmax[")
+  codes = {p: s for p, s in specs.items() if scale(p) != p and scale(p) in specs}
   assert codes and set(codes.values()) <= {P("fsdp", None), P()}
   for path, spec in codes.items():  # a block's absmax lives with its codes
-    assert specs[path.removesuffix(".codes") + ".absmax"] == P(*spec[:1])
+    assert specs[scale(path)] == P(*spec[:1])
   lm_head = [s for p, s in codes.items() if "mu['lm_head']" in p]
   assert lm_head == [P("fsdp", None)]  # 4000 blocks of 256
 

@@ -16,6 +16,11 @@ from galore_jax import projection, subspace
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def _matrices(params):
+  """A mask selecting every leaf with ndim >= 2 (leading axes: stacked layers)."""
+  return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+
+
 def _params(dtype=jnp.float32):
   k = jax.random.split(jax.random.key(0), 4)
   return {
@@ -50,7 +55,7 @@ def test_state_shapes_match_paper_memory_formulas():
   adam = galore_state.inner_state
   for name, p in params.items():
     m, n = sorted(p.shape)
-    (proj,) = galore_state.projectors[name]
+    proj = galore_state.projectors[0][name]
     assert proj.size == m * rank
     assert adam.mu[name].size + adam.nu[name].size == 2 * n * rank
 
@@ -84,7 +89,7 @@ def test_refresh_timing_count_before_increment():
   seen = []
   for t in range(7):
     _, state = update(_grads(t, params), state)
-    seen.append(np.asarray(state.projectors["w"][0]))
+    seen.append(np.asarray(state.projectors[0]["w"]))
   changed = [t for t in range(1, 7) if not np.allclose(seen[t], seen[t - 1])]
   assert changed == [3, 6]
 
@@ -126,7 +131,9 @@ def test_stacked_weights_equal_separate_weights():
     return {f"w{i}": g[i] for i in range(num_layers)}
 
   for proj_type in ("std", "full"):
-    tx = gj.galore_adamw(1e-2, rank=3, update_proj_gap=2, proj_type=proj_type, weight_decay=0.1)
+    tx = gj.galore_adamw(
+      1e-2, rank=3, update_proj_gap=2, proj_type=proj_type, weight_decay=0.1, mask=_matrices
+    )
     p_stacked, _ = _run(tx, stacked, 5, stacked_grads)
     p_separate, _ = _run(tx, separate, 5, separate_grads)
     for i in range(num_layers):
@@ -191,7 +198,7 @@ def test_mask_selects_projected_leaves_and_others_run_full_rank():
   params = _params()
   tx = gj.galore_adamw(1e-3, rank=4, mask=gj.llama_galore_mask)
   state = tx.init(params)
-  projs = state[0].projectors
+  (projs,) = state[0].projectors
   assert isinstance(projs["norm"], optax.MaskedNode)
   assert isinstance(projs["embed"], optax.MaskedNode)
   assert state[0].inner_state.mu["embed"].shape == (30, 16)
@@ -216,14 +223,14 @@ def test_dtypes_of_updates_and_state_are_preserved(dtype):
     u, state = update(_grads(t, params), state, params)
     assert all(x.dtype == dtype for x in jax.tree.leaves(u))
     assert jax.tree.map(lambda x: x.dtype, state) == dtypes0
-  assert state[0].projectors["attn"]["kernel"][0].dtype == dtype
+  assert state[0].projectors[0]["attn"]["kernel"].dtype == dtype
 
 
 def test_projector_dtype_option():
   params = _params(jnp.bfloat16)
   tx = gj.galore_adamw(1e-3, rank=4, projector_dtype=jnp.float32, mask=gj.llama_galore_mask)
   state = tx.init(params)
-  assert state[0].projectors["attn"]["kernel"][0].dtype == jnp.float32
+  assert state[0].projectors[0]["attn"]["kernel"].dtype == jnp.float32
   u, _ = jax.jit(tx.update)(_grads(0, params), state, params)
   assert u["attn"]["kernel"].dtype == jnp.bfloat16
 
@@ -315,11 +322,11 @@ def test_multisteps_and_apply_if_finite_and_chain():
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(p))
 
 
-def test_inner_optimizer_needing_params_gets_a_clear_error():
+def test_inner_optimizer_needing_params_without_params_gets_a_clear_error():
   tx = gj.galore(optax.adamw(1e-3, weight_decay=0.1), rank=4)
   params = _params()
-  with pytest.raises(ValueError, match="outside GaLore"):
-    tx.update(_grads(0, params), tx.init(params), params)
+  with pytest.raises(ValueError, match="needs `params`"):
+    tx.update(_grads(0, params), tx.init(params))
 
 
 @pytest.mark.parametrize(

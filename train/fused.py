@@ -430,11 +430,7 @@ def _validate(tx, abstract_params, grad_accum_steps, grad_clip_norm, clip_in_sub
   state = jax.eval_shape(tx.init, abstract_params)
   is_galore = lambda x: isinstance(x, gj.GaLoreState)
   galore = [x for x in jax.tree.leaves(state, is_leaf=is_galore) if is_galore(x)]
-  projected = any(
-    not isinstance(ps, optax.MaskedNode)
-    for g in galore
-    for ps in jax.tree.leaves(g.projectors, is_leaf=lambda x: isinstance(x, tuple))
-  )
+  projected = any(jax.tree.leaves(g.projectors) for g in galore)  # MaskedNodes have no leaves
   if grad_accum_steps > 1 and projected and proj_type is None:
     raise ValueError(
       "fused update: grad_accum_steps > 1 with GaLore accumulates projected gradients and needs "

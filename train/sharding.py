@@ -50,11 +50,12 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.tree_util import GetAttrKey
 
 import galore_jax as gj
-from galore_jax.adam8bit import QuantizedMoment
 from train.model import galore_target_mask, param_names
 
 MESH_AXES = ("data", "fsdp")
@@ -236,7 +237,7 @@ def state_specs(
   replicated, gathered once per step.
   """
   index = _param_index(params, specs)
-  special = lambda x: isinstance(x, (gj.GaLoreState, QuantizedMoment))
+  special = lambda x: isinstance(x, (gj.GaLoreState, gj.ScaleByAdam8bitState))
 
   def leaf(path, x):
     found = _find_param(param_names(path), index)
@@ -250,11 +251,27 @@ def state_specs(
       split = _split_on_reduced_axis(_find_param(param_names(path), index), proj_type)
     return _projector_spec(tuple(p.shape), fsdp, split)
 
+  def quantized(path, codes_tree, absmax_tree):
+    """8-bit moments: codes `[blocks, block_size]` and their scales `[blocks]` split by whole
+    blocks together; float32 moments (`MaskedNode` scales) like their parameter."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(codes_tree)
+    codes, scales = [], []
+    for (sub, c), a in zip(flat, treedef.flatten_up_to(absmax_tree)):
+      if isinstance(a, optax.MaskedNode):
+        codes.append(leaf((*path, *sub), c))
+        scales.append(optax.MaskedNode())
+        continue
+      split = fsdp > 1 and a.shape[0] % fsdp == 0
+      codes.append(P(FSDP, None) if split else P())
+      scales.append(P(FSDP) if split else P())
+    return treedef.unflatten(codes), treedef.unflatten(scales)
+
   def node(prefix, path, x):
     path = (*prefix, *path)
-    if isinstance(x, QuantizedMoment):
-      split = fsdp > 1 and x.absmax.shape[0] % fsdp == 0
-      return QuantizedMoment(P(FSDP, None) if split else P(), P(FSDP) if split else P())
+    if isinstance(x, gj.ScaleByAdam8bitState):
+      mu, mu_absmax = quantized((*path, GetAttrKey("mu")), x.mu, x.mu_absmax)
+      nu, nu_absmax = quantized((*path, GetAttrKey("nu")), x.nu, x.nu_absmax)
+      return gj.ScaleByAdam8bitState(P(), mu, nu, mu_absmax, nu_absmax)
     if not isinstance(x, gj.GaLoreState):
       return leaf(path, x)
     proj = lambda sub, p: projector((*path, *sub), p)
