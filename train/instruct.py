@@ -393,9 +393,9 @@ def make_eval_batches(
   tokens = np.zeros((total, seq_len), np.int32)
   mask = np.zeros((total, seq_len), bool)
   tokens[:n], mask[:n] = data.tokens_NxL, data.loss_mask_NxL
+  rows = lambda a, s: a[s : s + batch_size][index::count]
   return [
-    {"tokens": tokens[s : s + batch_size][index::count], "loss_mask": mask[s : s + batch_size][index::count]}
-    for s in range(0, total, batch_size)
+    {"tokens": rows(tokens, s), "loss_mask": rows(mask, s)} for s in range(0, total, batch_size)
   ]
 
 

@@ -137,7 +137,8 @@ def train_llama3_style_tokenizer(path: str | os.PathLike, vocab_size: int) -> Pa
     "tokenizer_class": "PreTrainedTokenizerFast",
   }
   (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-  generation = {"bos_token_id": bos, "eos_token_id": [tok.token_to_id(t) for t in (END_OF_TEXT, EOT)]}
+  eos_ids = [tok.token_to_id(t) for t in (END_OF_TEXT, EOT)]
+  generation = {"bos_token_id": bos, "eos_token_id": eos_ids}
   (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
   return path / "tokenizer.json"
 

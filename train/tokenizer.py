@@ -52,7 +52,13 @@ SPECIAL_TOKEN_NAMES = (
   "mask_token",
 )
 # What an exported checkpoint gets besides its weights.
-_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE, GENERATION_CONFIG)
+_FILES = (
+  TOKENIZER_JSON,
+  TOKENIZER_CONFIG,
+  SPECIAL_TOKENS_MAP,
+  CHAT_TEMPLATE_FILE,
+  GENERATION_CONFIG,
+)
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -181,7 +187,7 @@ def find_tokenizer_file(path: str | os.PathLike, *, prefer: str = TOKENIZER_JSON
   for name in order:
     if (path / name).is_file():
       return path / name
-  others = sorted(p.name for p in path.glob("*token*")) + sorted(p.name for p in path.glob("*.tiktoken"))
+  others = sorted({p.name for pattern in ("*token*", "*.tiktoken") for p in path.glob(pattern)})
   raise FileNotFoundError(
     f"{path} has no tokenizer: neither {TOKENIZER_JSON} (Hugging Face tokenizers) nor "
     f"{SENTENCEPIECE_MODEL} (SentencePiece)"
