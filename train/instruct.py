@@ -17,8 +17,9 @@ without a template (a base model) gets `PLAIN_CHAT_TEMPLATE`:
 
 **Loss mask.** Only the assistant's tokens are targets. Assistant turn i covers the characters
 between the rendering of messages[:i] with the generation prompt and that of messages[:i+1]:
-its content and whatever the template closes it with (LLaMA-3's `<|eot_id|>`, the plain
-template's EOS), so the model learns to stop. A token is the assistant's when its first
+its content and whatever the template closes it with (LLaMA-3's `<|eot_id|>`, ChatML's
+`<|im_end|>`, the plain template's EOS), so the model learns to stop; whitespace after that is
+left to the next prompt. A token is the assistant's when its first
 character is (token offsets of the `tokenizers` encoding). A template whose renderings are not
 prefixes of one another (e.g. one that drops earlier turns' reasoning) cannot be split so; such
 a record is skipped and counted.
@@ -165,7 +166,9 @@ def tokenize_chat(
     turn = render_chat(template, messages[: i + 1], specials)
     if not (turn.startswith(head) and text.startswith(turn)):
       raise ValueError(f"the chat template renders turn {i} differently as the conversation grows")
-    spans.append((len(head), len(turn)))
+    # Whitespace after the turn's end marker (ChatML's "\n" after <|im_end|>) is never
+    # generated: the next prompt owns it.
+    spans.append((len(head), len(turn.rstrip())))
   ids, offsets = tokenizer.encode_with_offsets(text)
   mask = [any(a <= start < b for a, b in spans) for start, _ in offsets]
   return ids, mask

@@ -605,7 +605,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
   workdir = Path(workdir)
   sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
   setup = build(config)
-  if not config.data.data_dir:
+  if not config.data.data_dir and not _is_instruct(config):
     data.ensure_bundled_prepared(setup.data_dir)
   validate_data_config(config, setup)
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
