@@ -31,6 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.loss_chunk_size = 16
 
   c.data = ml_collections.ConfigDict()
+  # "c4": documents of a prepared tfds C4 (the fields below); "instruct": JSON-lines chat /
+  # prompt-response / text records with the loss on response tokens only (train/instruct.py),
+  # tokenised with the checkpoint's tokenizer.json (init_from) or data.vocab_path.
+  c.data.format = "c4"
+  c.data.train_files = ""  # instruct: comma-separated JSON-lines files to train on
+  c.data.eval_files = ""  # instruct: comma-separated files whose response-token loss is eval_loss
+  c.data.strict = False  # instruct: stop at the first bad record (file:line) instead of skipping
   c.data.data_dir = ""  # tfds data dir with c4/en/3.1.0; "" = the bundled sample (data/tfds)
   c.data.vocab_path = ""  # SentencePiece model; "" = the bundled T5 vocabulary
   c.data.seq_len = 256  # tokens per sequence, L (the paper: 256)

@@ -66,6 +66,7 @@ from jax import lax
 
 import galore_jax as gj
 from galore_jax import layerwise as lw
+from train import losses
 from train.model import Block, Llama, LlamaConfig, next_token_loss, param_names, rope_tables
 
 HEAD, LAYERS, EMBED = "head", "layers", "embed"
@@ -83,9 +84,10 @@ class _Model(NamedTuple):
   block: Any
   final_norm: Any
   lm_head: Any
+  loss_chunk_size: int = 0
 
 
-def _model_parts(config: LlamaConfig) -> _Model:
+def _model_parts(config: LlamaConfig, loss_chunk_size: int = 0) -> _Model:
   if not config.scan_layers:
     raise ValueError("the fused update needs LlamaConfig.scan_layers=True (stacked blocks).")
   if config.tie_word_embeddings:  # the embedding would get two updates (head and lookup)
@@ -93,7 +95,7 @@ def _model_parts(config: LlamaConfig) -> _Model:
   abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
   graph = lambda module: nnx.split(module, nnx.Param)[0]
   parts = (abstract.embed, abstract.layers, abstract.final_norm, abstract.lm_head)
-  return _Model(config, *map(graph, parts))
+  return _Model(config, *map(graph, parts), loss_chunk_size)
 
 
 def _group_of(names: tuple) -> str:
@@ -123,10 +125,17 @@ def _block(m: _Model, p, x_BxLxD, cos_LxK, sin_LxK):
   return nnx.merge(m.block, p)(x_BxLxD, cos_LxK, sin_LxK)
 
 
-def _head_loss(m: _Model, p, x_BxLxD, tokens_BxL):
-  """(summed loss, number of targets) from the last hidden state; as `Llama.__call__`."""
+def _head_loss(m: _Model, p, x_BxLxD, tokens_BxL, mask_BxL):
+  """(summed loss, number of targets) from the last hidden state; as `Llama.__call__`, or, with
+  `m.loss_chunk_size`, as `train.losses.chunked_next_token_loss` (no [B, L, V] logits)."""
   h_BxLxD = nnx.merge(m.final_norm, p["final_norm"])(x_BxLxD)
-  return next_token_loss(nnx.merge(m.lm_head, p["lm_head"])(h_BxLxD), tokens_BxL)
+  lm_head = nnx.merge(m.lm_head, p["lm_head"])
+  if not m.loss_chunk_size:
+    return next_token_loss(lm_head(h_BxLxD), tokens_BxL, loss_mask_BxL=mask_BxL)
+  kernel_DxV = lm_head.kernel[...].astype(h_BxLxD.dtype)  # as nnx.Linear casts it
+  return losses.chunked_next_token_loss(
+    h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=m.loss_chunk_size, loss_mask_BxL=mask_BxL
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,16 +189,16 @@ def _get(tree, names):
   return tree
 
 
-def _head_backward(m: _Model, layout: lw.TreeLayout, params: list, x_last, tokens_BxL):
+def _head_backward(m: _Model, layout: lw.TreeLayout, params: list, x_last, tokens_BxL, mask_BxL):
   """(summed loss, target count, head weight gradient leaves, gradient of `x_last`)."""
-  loss = lambda p, x: _head_loss(m, layout.tree(HEAD, p), x, tokens_BxL)
+  loss = lambda p, x: _head_loss(m, layout.tree(HEAD, p), x, tokens_BxL, mask_BxL)
   loss_sum, vjp, count = jax.vjp(loss, params, x_last, has_aux=True)
   grads, dy = vjp(jnp.ones((), jnp.float32))
   return loss_sum, count, grads, dy
 
 
 def _step_single(
-  m: _Model, opt: lw.LeafwiseOptimizer, max_norm: float, params, opt_state, tokens_BxL
+  m: _Model, opt: lw.LeafwiseOptimizer, max_norm: float, params, opt_state, tokens_BxL, mask_BxL
 ):
   """K = 1: one forward, then updates during the backward pass (two passes when clipping)."""
   lay, n = opt.layout, opt.layout.num_layers
@@ -199,7 +208,9 @@ def _step_single(
   embed = lambda p: _embed(m, lay.tree(EMBED, p), tokens_BxL)
   x0, embed_vjp = jax.vjp(embed, grp[EMBED].params)
   x_last, xs = _forward(m, lay, grp[LAYERS].params, x0, cos, sin)
-  loss_sum, count, g_head, dy = _head_backward(m, lay, grp[HEAD].params, x_last, tokens_BxL)
+  loss_sum, count, g_head, dy = _head_backward(
+    m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
+  )
   denom = jnp.maximum(count, 1).astype(jnp.float32)
   mean = lambda gs, ps: [(g.astype(jnp.float32) / denom).astype(p.dtype) for g, p in zip(gs, ps)]
   g_head = mean(g_head, grp[HEAD].params)
@@ -254,6 +265,7 @@ def _step_accumulate(
   params,
   opt_state,
   micro_KxBxL,
+  mask_KxBxL,
 ):
   """K > 1: sum (projected) gradients over the micro-batches, then update block by block."""
   lay, n = opt.layout, opt.layout.num_layers
@@ -267,11 +279,13 @@ def _step_accumulate(
 
   def micro_batch(carry, inp):
     acc, p0, loss_sum, count = carry
-    k, tokens_BxL = inp
+    k, tokens_BxL, mask_BxL = inp
     embed = lambda p: _embed(m, lay.tree(EMBED, p), tokens_BxL)
     x0, embed_vjp = jax.vjp(embed, grp[EMBED].params)
     x_last, xs = _forward(m, lay, grp[LAYERS].params, x0, cos, sin)
-    loss_k, count_k, g_head, dy = _head_backward(m, lay, grp[HEAD].params, x_last, tokens_BxL)
+    loss_k, count_k, g_head, dy = _head_backward(
+      m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
+    )
     h, e = grp[HEAD], grp[EMBED]
     p0_head = accum.first(HEAD, k == 0, g_head, h.params, lambda: h.nodes, p0[HEAD])
 
@@ -297,7 +311,7 @@ def _step_accumulate(
 
   init = (acc0, p0_init, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
   (acc, p0, loss_sum, count), _ = lax.scan(
-    micro_batch, init, (jnp.arange(micro_KxBxL.shape[0]), micro_KxBxL)
+    micro_batch, init, (jnp.arange(micro_KxBxL.shape[0]), micro_KxBxL, mask_KxBxL)
   )
 
   denom = jnp.maximum(count, 1).astype(jnp.float32)
@@ -338,8 +352,10 @@ def make_fused_update(
   proj_type: str | None = None,
   accum_dtype: Any = jnp.float32,
   check_optimizer: bool = True,
+  loss_chunk_size: int = 0,
 ) -> Callable:
-  """`update(params, opt_state, tokens_BxL) -> (params, opt_state, metrics)`, fused layer-wise.
+  """`update(params, opt_state, tokens_BxL, loss_mask_BxL=None) -> (params, opt_state, metrics)`,
+  fused layer-wise.
 
   The standard step (`value_and_grad` of the token-mean loss, `tx.update`,
   `optax.apply_updates`; float32 sum over micro-batches) with every parameter updated as soon as
@@ -364,6 +380,11 @@ def make_fused_update(
       square matrix is not visible in the state).
     accum_dtype: dtype of the accumulators (K > 1).
     check_optimizer: run the separability probe (a few seconds of compilation).
+    loss_chunk_size: positions per chunk of the head's loss (`train.losses`; the [B, L, V]
+      logits and their gradient never exist); 0 for full logits.
+
+  `loss_mask_BxL` (bool, optional) selects the targets that count, as in
+  `train.model.next_token_loss` (instruction data: the response tokens).
 
   Returns:
     The update function; `metrics` holds `loss` (token mean), `grad_norm` (global norm of the
@@ -379,22 +400,30 @@ def make_fused_update(
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
     https://arxiv.org/abs/2403.03507
   """
-  m = _model_parts(config)
+  m = _model_parts(config, loss_chunk_size)
   abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param)[1]
   _validate(tx, abstract, grad_accum_steps, grad_clip_norm, clip_in_subspace, proj_type)
   if check_optimizer:
     lw.check_separable(tx, _layout(abstract))
 
-  def update(params, opt_state, tokens_BxL):
+  def update(params, opt_state, tokens_BxL, loss_mask_BxL=None):
     layout = _layout(params)
     view = lw.StateView(opt_state, layout)
     nodes = view.split(opt_state, layout.treedef)[0]
     opt = lw.LeafwiseOptimizer(tx, layout, view, lw.plan_chunks(layout, nodes, view.projectors))
     if grad_accum_steps == 1:
-      return _step_single(m, opt, grad_clip_norm, params, opt_state, tokens_BxL)
-    micro = tokens_BxL.reshape(grad_accum_steps, -1, tokens_BxL.shape[-1])
+      return _step_single(m, opt, grad_clip_norm, params, opt_state, tokens_BxL, loss_mask_BxL)
+    split = lambda x: None if x is None else x.reshape(grad_accum_steps, -1, x.shape[-1])
     return _step_accumulate(
-      m, opt, grad_clip_norm, proj_type, accum_dtype, params, opt_state, micro
+      m,
+      opt,
+      grad_clip_norm,
+      proj_type,
+      accum_dtype,
+      params,
+      opt_state,
+      split(tokens_BxL),
+      split(loss_mask_BxL),
     )
 
   return update
@@ -411,7 +440,9 @@ def make_fused_train_step(setup, grad_accum_steps: int = 1, **options) -> Callab
   update = make_fused_update(setup.model_config, setup.tx, grad_accum_steps, **options)
 
   def train_step(state, batch):
-    params, opt_state, metrics = update(state.params, state.opt_state, batch["tokens"])
+    params, opt_state, metrics = update(
+      state.params, state.opt_state, batch["tokens"], batch.get("loss_mask")
+    )
     rng, _ = jax.random.split(state.rng)
     new = state._replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
     return new, metrics

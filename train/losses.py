@@ -14,36 +14,33 @@ Evaluation (no differentiation) runs the primal: the loss pass alone, chunk by c
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 
-def _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, pad_id):
-  """Per-chunk float32 logits and (masked loss sum, shifted logits, log-normaliser, mask)."""
+def _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, mask_BxS):
+  """Per-chunk float32 logits and (masked loss sum, shifted logits, log-normaliser)."""
   # As nnx.Linear: one dot in the compute dtype, then upcast for the loss.
   logits_BxSxV = jnp.dot(h_BxSxD, kernel_DxV).astype(jnp.float32)
   # As optax.softmax_cross_entropy_with_integer_labels: shift by the max, log-sum-exp.
   shifted_BxSxV = logits_BxSxV - jnp.max(logits_BxSxV, axis=-1, keepdims=True)
   lse_BxS = jnp.log(jnp.sum(jnp.exp(shifted_BxSxV), axis=-1))
   label_BxS = jnp.take_along_axis(shifted_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
-  mask_BxS = targets_BxS != pad_id
   loss = jnp.sum(jnp.where(mask_BxS, lse_BxS - label_BxS, 0.0))
-  return loss, shifted_BxSxV, lse_BxS, mask_BxS
+  return loss, shifted_BxSxV, lse_BxS
 
 
-def _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id, with_grads: bool):
+def _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads: bool):
   """Loss sum (and, with grads, d/dh `[C, B, S, D]` and float32 d/dkernel `[D, V]`)."""
   vocab = kernel_DxV.shape[1]
 
   def body(carry, xs):
     loss_acc, dk_acc = carry
-    h_BxSxD, targets_BxS = xs
-    loss, shifted_BxSxV, lse_BxS, mask_BxS = _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, pad_id)
+    h_BxSxD, targets_BxS, mask_BxS = xs
+    loss, shifted_BxSxV, lse_BxS = _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, mask_BxS)
     if not with_grads:
       return (loss_acc + loss, dk_acc), None
-    # d(sum nll)/d logits = softmax - one_hot(target) on unmasked positions, 0 on pads.
+    # d(sum nll)/d logits = softmax - one_hot(target) on unmasked positions, 0 on masked ones.
     p_BxSxV = jnp.exp(shifted_BxSxV - lse_BxS[..., None])
     g32_BxSxV = p_BxSxV - jax.nn.one_hot(targets_BxS, vocab, dtype=jnp.float32)
     # The cotangent reaches the dot in its output dtype, as under autodiff of the unchunked loss.
@@ -54,24 +51,25 @@ def _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id, with_grads: bool):
 
   dk0 = jnp.zeros(kernel_DxV.shape if with_grads else (), jnp.float32)
   init = (jnp.zeros([], jnp.float32), dk0)
-  (loss, dk_DxV), dh_CxBxSxD = jax.lax.scan(body, init, (h_CxBxSxD, targets_CxBxS))
+  xs = (h_CxBxSxD, targets_CxBxS, mask_CxBxS)
+  (loss, dk_DxV), dh_CxBxSxD = jax.lax.scan(body, init, xs)
   return loss, dh_CxBxSxD, dk_DxV
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id):
-  return _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id, with_grads=False)[0]
+@jax.custom_vjp
+def _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS):
+  return _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads=False)[0]
 
 
-def _ce_sum_fwd(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id):
-  loss, dh, dk = _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id, with_grads=True)
+def _ce_sum_fwd(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS):
+  loss, dh, dk = _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads=True)
   return loss, (dh, dk.astype(kernel_DxV.dtype))
 
 
-def _ce_sum_bwd(pad_id, residuals, cotangent):
+def _ce_sum_bwd(residuals, cotangent):
   dh, dk = residuals
-  # Integer targets take no cotangent.
-  return (dh * cotangent.astype(dh.dtype), dk * cotangent.astype(dk.dtype), None)
+  # Integer targets and the boolean mask take no cotangent.
+  return (dh * cotangent.astype(dh.dtype), dk * cotangent.astype(dk.dtype), None, None)
 
 
 _ce_sum.defvjp(_ce_sum_fwd, _ce_sum_bwd)
@@ -84,10 +82,12 @@ def chunked_next_token_loss(
   *,
   chunk_size: int,
   pad_id: int = 0,
+  loss_mask_BxL: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`next_token_loss(h @ kernel, tokens)`, `chunk_size` positions at a time, fused backward.
 
-  Position t predicts ``tokens[:, t + 1]``; targets equal to ``pad_id`` are masked out. The
+  Position t predicts ``tokens[:, t + 1]``; targets equal to ``pad_id`` are masked out, or,
+  with ``loss_mask_BxL``, exactly the targets where it is False (``pad_id`` is then unused). The
   L - 1 predicting positions are split into ``ceil((L - 1) / S)`` chunks of ``S = chunk_size``
   (the last padded with masked targets); each chunk's ``[B, S, V]`` logits live only inside
   one scan iteration. Differentiable in ``h`` and ``kernel`` (reverse mode only).
@@ -97,7 +97,9 @@ def chunked_next_token_loss(
     kernel_DxV: the LM head kernel, cast to the compute dtype (as ``nnx.Linear`` does).
     tokens_BxL: int tokens, the batch's ``"tokens"``.
     chunk_size: positions per chunk, S >= 1.
-    pad_id: target id to ignore.
+    pad_id: target id to ignore (without ``loss_mask_BxL``).
+    loss_mask_BxL: bool, True where ``tokens[:, t]`` is a target that counts (e.g. the
+      assistant's tokens of ``train.instruct`` rows); column 0 is never a target.
 
   Returns:
     ``(loss_sum, num_tokens)`` as ``train.model.next_token_loss``: the float32 sum of
@@ -118,8 +120,11 @@ def chunked_next_token_loss(
   c = -(-l1 // s)
   extra = c * s - l1
   h_BxL1xD = jnp.pad(h_BxLxD[:, :-1], ((0, 0), (0, extra), (0, 0)))
-  targets_BxL1 = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, extra)), constant_values=pad_id)
+  mask_BxL1 = tokens_BxL[:, 1:] != pad_id if loss_mask_BxL is None else loss_mask_BxL[:, 1:]
+  targets_BxL1 = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, extra)))
+  mask_BxL1 = jnp.pad(mask_BxL1.astype(bool), ((0, 0), (0, extra)))  # padding: not targets
   h_CxBxSxD = h_BxL1xD.reshape(b, c, s, d).transpose(1, 0, 2, 3)
   targets_CxBxS = targets_BxL1.reshape(b, c, s).transpose(1, 0, 2)
-  loss_sum = _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, pad_id)
-  return loss_sum, jnp.sum(tokens_BxL[:, 1:] != pad_id, dtype=jnp.int32)
+  mask_CxBxS = mask_BxL1.reshape(b, c, s).transpose(1, 0, 2)
+  loss_sum = _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS)
+  return loss_sum, jnp.sum(mask_BxL1, dtype=jnp.int32)

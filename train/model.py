@@ -451,7 +451,10 @@ class Llama(nnx.Module):
 
 
 def next_token_loss(
-  logits_BxLxV: jax.Array, tokens_BxL: jax.Array, pad_id: int = 0
+  logits_BxLxV: jax.Array,
+  tokens_BxL: jax.Array,
+  pad_id: int = 0,
+  loss_mask_BxL: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Summed next-token cross-entropy over non-pad targets, in float32.
 
@@ -461,7 +464,9 @@ def next_token_loss(
   Args:
     logits_BxLxV: model output, any float dtype (upcast to float32 here).
     tokens_BxL: int tokens, the batch's ``"tokens"``.
-    pad_id: target id to ignore.
+    pad_id: target id to ignore (without ``loss_mask_BxL``).
+    loss_mask_BxL: bool, True where ``tokens[:, t]`` is a target that counts (instruction data:
+      the response tokens, `train/instruct.py`); it then replaces the pad rule.
 
   Returns:
     ``(loss_sum, num_tokens)``: float32 sum of -log p(target) over unmasked targets, and the
@@ -470,7 +475,7 @@ def next_token_loss(
   # L1 = L - 1: the last position has no next token.
   logits_BxL1xV = logits_BxLxV[:, :-1].astype(jnp.float32)
   targets_BxL1 = tokens_BxL[:, 1:]
-  mask_BxL1 = targets_BxL1 != pad_id
+  mask_BxL1 = targets_BxL1 != pad_id if loss_mask_BxL is None else loss_mask_BxL[:, 1:] != 0
   nll_BxL1 = optax.losses.softmax_cross_entropy_with_integer_labels(logits_BxL1xV, targets_BxL1)
   loss_sum = jnp.sum(jnp.where(mask_BxL1, nll_BxL1, 0.0))
   return loss_sum, jnp.sum(mask_BxL1, dtype=jnp.int32)

@@ -27,12 +27,14 @@ from train import (
   checkpoint,
   checkpoint_io,
   data,
+  instruct,
   losses,
   lowrank,
   metrics,
   optim,
   sharding,
 )
+from train import tokenizer as tokenizer_lib
 from train.model import (
   LLAMA_SIZES,
   REMAT_POLICIES,
@@ -166,6 +168,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "embeddings rotate pairs).",
     )
   _check_choice(config, "data.mode", data.MODES)
+  _validate_instruct_fields(config)
   _check_ints(config, 2, "data.seq_len")  # one input and one target token at least
   _check_ints(config, 0, "data.eval_max_documents data.worker_count data.seed")
   for field in ("train_split", "eval_split"):
@@ -177,6 +180,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise _field_error(f"mesh.{field}", value, "must be an int >= 1, or -1 (all the rest).")
   _check_choice(config, "mesh.distributed", ("auto", "on", "off"))
   _validate_finetune_fields(config)
+
+
+def _is_instruct(config: ml_collections.ConfigDict) -> bool:
+  return config.data.get("format", "c4") == "instruct"
+
+
+def _files(value: str) -> list[str]:
+  return [f.strip() for f in value.split(",") if f.strip()]
+
+
+def _validate_instruct_fields(config: ml_collections.ConfigDict) -> None:
+  """`data.format` and, for instruction data, its files and tokenizer source."""
+  _check_choice(config, "data.format", ("c4", "instruct"))
+  if not _is_instruct(config):
+    return
+  for field in ("train_files", "eval_files"):
+    value = config.data.get(field, "")
+    if not isinstance(value, str) or not _files(value):
+      raise _field_error(
+        f"data.{field}",
+        value,
+        "must name JSON-lines files (comma-separated) with data.format='instruct' (see "
+        "train/instruct.py for the record layouts).",
+      )
+  if not config.get("init_from") and not config.data.vocab_path:
+    raise _field_error(
+      "data.vocab_path",
+      config.data.vocab_path,
+      "must be a tokenizer.json (or a checkpoint directory) for data.format='instruct' without "
+      "config.init_from.",
+    )
 
 
 def _validate_finetune_fields(config: ml_collections.ConfigDict) -> None:
@@ -199,8 +233,11 @@ def _validate_finetune_fields(config: ml_collections.ConfigDict) -> None:
 def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> None:
   """Errors for data that cannot be read (checked when a run starts, not at build): the data
   dir, its prepared C4, both splits (not empty) and the vocabulary (a SentencePiece model
-  that fits the model's embedding)."""
+  that fits the model's embedding). Instruction data: its files and the tokenizer.json."""
   d = config.data
+  if _is_instruct(config):
+    _validate_instruct_data(config, setup)
+    return
   if d.data_dir and not Path(d.data_dir).is_dir():
     raise _field_error(
       "data.data_dir",
@@ -246,6 +283,42 @@ def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> Non
       )
 
 
+def _validate_instruct_data(config: ml_collections.ConfigDict, setup: Setup) -> None:
+  """The instruction files exist and the tokenizer loads and fits the embedding."""
+  for field in ("train_files", "eval_files"):
+    for file in _files(config.data[field]):
+      if not Path(file).is_file():
+        raise _field_error(f"data.{field}", config.data[field], f"names {file!r}, not a file.")
+  field, value = (
+    ("data.vocab_path", config.data.vocab_path)
+    if config.data.vocab_path
+    else ("init_from", config.init_from)
+  )
+  try:
+    tok = tokenizer_lib.load_tokenizer(setup.vocab_path)
+    instruct.chat_template_of(tok)
+  except (OSError, ValueError) as e:
+    raise _field_error(field, value, f"has no usable tokenizer for instruction data: {e}") from e
+  if tok.vocab_size > setup.model_config.vocab_size:
+    raise _field_error(
+      field,
+      value,
+      f"has a tokenizer of {tok.vocab_size} ids ({setup.vocab_path}) but the model embeds only "
+      f"{setup.model_config.vocab_size}.",
+    )
+
+
+def load_instruct_data(config: ml_collections.ConfigDict, setup: Setup, field: str):
+  """`instruct.InstructData` of `config.data.<field>` ("train_files" or "eval_files")."""
+  d = config.data
+  return instruct.load_instruct_files(
+    _files(d[field]),
+    tokenizer_lib.load_tokenizer(setup.vocab_path),
+    seq_len=d.seq_len,
+    strict=d.get("strict", False),
+  )
+
+
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Model graph, optimizer and data locations from a config (nothing allocated)."""
   validate_config(config)
@@ -267,15 +340,28 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   if o.name in lowrank.METHODS:
     reset_every = o.relora_reset_every if o.name == "relora" else 0
     adapter = lowrank.Adapter(o.name, o.rank, o.lora_alpha, model_config.init_std, reset_every)
-  if config.get("init_from") and not config.data.vocab_path:  # the checkpoint's own tokenizer
+  if _is_instruct(config):  # a tokenizer.json: the checkpoint's, or data.vocab_path
+    source = config.data.vocab_path or config.init_from
+    try:
+      vocab = tokenizer_lib.find_tokenizer_file(source)
+    except FileNotFoundError as e:
+      field = "data.vocab_path" if config.data.vocab_path else "init_from"
+      raise _field_error(field, source, f"has no tokenizer to train with: {e}") from e
+  elif config.get("init_from") and not config.data.vocab_path:  # the checkpoint's own tokenizer
     try:
       vocab = checkpoint_io.find_tokenizer(config.init_from)
     except FileNotFoundError as e:
+      hint = (
+        " Its tokenizer.json is read for instruction data (config.data.format='instruct', whose "
+        "files may also hold plain {'text': ...} documents)."
+        if (Path(config.init_from) / tokenizer_lib.TOKENIZER_JSON).is_file()
+        else ""
+      )
       raise _field_error(
         "init_from",
         config.init_from,
         f"has no tokenizer to train with: {e}. Set config.data.vocab_path to the SentencePiece "
-        "model the checkpoint was trained with.",
+        f"model the checkpoint was trained with.{hint}",
       ) from e
   return Setup(
     model_config,
@@ -336,9 +422,14 @@ def export_params(config: ml_collections.ConfigDict, setup: Setup, params: Any) 
   if jax.process_count() > 1:
     raise _field_error("export_to", config.export_to, "is supported in single-process runs only.")
   model = nnx.merge(setup.graphdef, jax.device_get(params))
-  return checkpoint_io.save_hf_pretrained(
-    setup.model_config, model, config.export_to, tokenizer_path=setup.vocab_path
+  is_json = setup.vocab_path.suffix == ".json"
+  sentencepiece = None if is_json else setup.vocab_path
+  out = checkpoint_io.save_hf_pretrained(
+    setup.model_config, model, config.export_to, tokenizer_path=sentencepiece
   )
+  if is_json:  # tokenizer.json with its config, chat template and generation config
+    tokenizer_lib.copy_tokenizer_files(tokenizer_lib.load_tokenizer(setup.vocab_path), out)
+  return out
 
 
 def _validate_batch(t: ml_collections.ConfigDict, mesh) -> None:
@@ -365,13 +456,15 @@ def make_layout(
   )
 
 
-def _loss(graphdef, params, tokens_BxL, chunk_size: int = 0):
+def _loss(graphdef, params, tokens_BxL, chunk_size: int = 0, loss_mask_BxL=None):
   model = nnx.merge(graphdef, params)
   if not chunk_size:
-    return next_token_loss(model(tokens_BxL), tokens_BxL)
+    return next_token_loss(model(tokens_BxL), tokens_BxL, loss_mask_BxL=loss_mask_BxL)
   h_BxLxD = model.hidden_states(tokens_BxL)
   kernel_DxV = model.head_kernel().astype(h_BxLxD.dtype)
-  return losses.chunked_next_token_loss(h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=chunk_size)
+  return losses.chunked_next_token_loss(
+    h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=chunk_size, loss_mask_BxL=loss_mask_BxL
+  )
 
 
 def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout | None = None):
@@ -382,7 +475,8 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
   projectors are gathered, so the optimizer update runs on shards.
 
   The loss is token-weighted over the whole batch: gradients of the summed per-token loss of
-  each micro-batch are accumulated (float32) and divided by the batch's non-pad token count,
+  each micro-batch are accumulated (float32) and divided by the batch's non-pad token count
+  (with a `"loss_mask"` in the batch, instruction data: the count of its True targets),
   so accumulation gives the same update as one large batch (the reference averages micro-batch
   means instead, which weights short documents more).
 
@@ -390,27 +484,31 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
   """
   graphdef, tx, adapter = setup.graphdef, setup.tx, setup.adapter
   chunk = setup.loss_chunk_size
-  loss = lambda p, t: _loss(graphdef, setup.model_params(p), t, chunk)
+  loss = lambda p, t, m: _loss(graphdef, setup.model_params(p), t, chunk, m)
   grad_fn = jax.value_and_grad(loss, has_aux=True)
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    tokens = batch["tokens"]
-    micro = tokens.reshape(grad_accum_steps, tokens.shape[0] // grad_accum_steps, -1)
+    split = lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, -1)
+    micro, mask = split(batch["tokens"]), batch.get("loss_mask")
+    mask = None if mask is None else split(mask)
     if layout is not None:
       micro = jax.lax.with_sharding_constraint(micro, layout.micro_batches)
+      if mask is not None:
+        mask = jax.lax.with_sharding_constraint(mask, layout.micro_batches)
 
-    def accumulate(carry, tokens_BxL):
+    def accumulate(carry, xs):
       g_acc, loss_acc, n_acc = carry
-      (loss_sum, n), g = grad_fn(state.params, tokens_BxL)
+      tokens_BxL, mask_BxL = xs
+      (loss_sum, n), g = grad_fn(state.params, tokens_BxL, mask_BxL)
       g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
       return (g_acc, loss_acc + loss_sum, n_acc + n), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     init = (zeros, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
     if grad_accum_steps == 1:
-      (g_sum, loss_sum, n), _ = accumulate(init, micro[0])
+      (g_sum, loss_sum, n), _ = accumulate(init, (micro[0], None if mask is None else mask[0]))
     else:
-      (g_sum, loss_sum, n), _ = jax.lax.scan(accumulate, init, micro)
+      (g_sum, loss_sum, n), _ = jax.lax.scan(accumulate, init, (micro, mask))
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
     opt_state = state.opt_state
@@ -438,8 +536,8 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
 def make_eval_step(setup: Setup):
   def eval_step(params, batch):
     model_params = setup.model_params(params)
-    loss_sum, n = _loss(setup.graphdef, model_params, batch["tokens"], setup.loss_chunk_size)
-    return loss_sum, n
+    chunk, mask = setup.loss_chunk_size, batch.get("loss_mask")
+    return _loss(setup.graphdef, model_params, batch["tokens"], chunk, mask)
 
   return jax.jit(eval_step)
 
@@ -447,10 +545,12 @@ def make_eval_step(setup: Setup):
 def evaluate(eval_step, params, batches, put_batch=None) -> dict[str, float]:
   """Token-weighted loss over every non-pad target of the eval split, and its perplexity.
 
+  Instruction data (batches with a `"loss_mask"`): over the response tokens only.
+
   `put_batch` turns this process's rows into global arrays (`Layout.put_batch`).
   """
   total, count = 0.0, 0
-  put_batch = put_batch or (lambda b: {"tokens": jnp.asarray(b["tokens"])})
+  put_batch = put_batch or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
   for batch in batches:
     loss_sum, n = eval_step(params, put_batch(batch))
     total += float(loss_sum)
@@ -496,6 +596,7 @@ class Run:
   state: TrainState
   train_iter: Any  # data.make_train_iterator's checkpointable iterator
   ckpt: checkpoint.Checkpointer
+  eval_data: Any = None  # instruction data: instruct.InstructData of data.eval_files
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
@@ -504,7 +605,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
   workdir = Path(workdir)
   sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
   setup = build(config)
-  if not config.data.data_dir:
+  if not config.data.data_dir and not _is_instruct(config):
     data.ensure_bundled_prepared(setup.data_dir)
   validate_data_config(config, setup)
   shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
@@ -518,16 +619,27 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
   with open(logdir / "config.json", "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   state = init_state(setup, t.seed, layout, load_init_params(config, setup))
-  train_iter = data.make_train_iterator(
-    setup.data_dir,
-    split=config.data.train_split,
-    seq_len=config.data.seq_len,
-    batch_size=t.batch_size,
-    mode=config.data.mode,
-    seed=config.data.seed,
-    vocab_path=setup.vocab_path,
-    worker_count=config.data.worker_count,
-  )
+  eval_data = None
+  if _is_instruct(config):
+    train_data = load_instruct_data(config, setup, "train_files")
+    eval_data = load_instruct_data(config, setup, "eval_files")
+    print(f"Instruction data, train: {train_data.stats}\nInstruction data, eval: {eval_data.stats}")
+    if len(eval_data) == 0:
+      raise _field_error("data.eval_files", config.data.eval_files, "has no usable examples.")
+    train_iter = instruct.make_train_iterator(
+      train_data, batch_size=t.batch_size, seed=config.data.seed
+    )
+  else:
+    train_iter = data.make_train_iterator(
+      setup.data_dir,
+      split=config.data.train_split,
+      seq_len=config.data.seq_len,
+      batch_size=t.batch_size,
+      mode=config.data.mode,
+      seed=config.data.seed,
+      vocab_path=setup.vocab_path,
+      worker_count=config.data.worker_count,
+    )
   ckpt = checkpoint.Checkpointer(
     workdir / "checkpoints", keep=t.keep_checkpoints, clean_unfinished=True
   )
@@ -536,7 +648,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
     state, iter_state = restored
     train_iter.set_state(iter_state)
     print(f"Resumed from step {int(state.step)} in {ckpt.directory}")
-  return Run(config, setup, mesh, layout, logdir, state, train_iter, ckpt)
+  return Run(config, setup, mesh, layout, logdir, state, train_iter, ckpt, eval_data)
 
 
 def compile_train_step(run: Run) -> jax.stages.Compiled:
@@ -556,14 +668,14 @@ def compile_train_step(run: Run) -> jax.stages.Compiled:
       grad_clip_norm=o.grad_clip_norm,
       clip_in_subspace=t.clip_in_subspace,
       proj_type=o.proj_type,
+      loss_chunk_size=setup.loss_chunk_size,
     )
   else:
     step_fn = make_train_step(setup, t.grad_accum_steps, layout)
 
   def train_step(state, batch):
     state, out = step_fn(state, batch)
-    inputs = batch["tokens"][:, :-1]
-    return state, {**out, "input_tokens": jnp.sum(inputs != 0, dtype=jnp.int32)}
+    return state, {**out, "input_tokens": _input_tokens(batch)}
 
   jitted = jax.jit(
     train_step,
@@ -571,9 +683,24 @@ def compile_train_step(run: Run) -> jax.stages.Compiled:
     out_shardings=(layout.state, layout.replicated),
     donate_argnums=(0,),
   )
-  batch_spec = {"tokens": jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), jnp.int32)}
+  shape = (t.batch_size, config.data.seq_len)
+  batch_spec = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32)}
+  if _is_instruct(config):
+    batch_spec["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_)
   # Call the result, not `jitted`: calling the jitted function would compile it a second time.
   return jitted.lower(run.state, batch_spec).compile()
+
+
+def _input_tokens(batch) -> jax.Array:
+  """Real (non-pad) input tokens `tokens[:, :-1]` of a batch, for the tokens/s metric."""
+  inputs_BxL1 = batch["tokens"][:, :-1]
+  if "loss_mask" not in batch:  # C4 rows: pad id 0
+    return jnp.sum(inputs_BxL1 != 0, dtype=jnp.int32)
+  # Instruction rows end with their last target (the pad id may be an ordinary token's).
+  mask_BxL = batch["loss_mask"]
+  last_B = mask_BxL.shape[1] - jnp.argmax(mask_BxL[:, ::-1], axis=1)
+  length_B = jnp.where(jnp.any(mask_BxL, axis=1), last_B, 0)
+  return jnp.sum(jnp.minimum(length_B, inputs_BxL1.shape[1]), dtype=jnp.int32)
 
 
 def start_summary(run: Run, compiled: jax.stages.Compiled) -> dict[str, Any]:
@@ -595,7 +722,9 @@ def start_summary(run: Run, compiled: jax.stages.Compiled) -> dict[str, Any]:
       state.opt_state, run.layout.state.opt_state
     ),
   }
-  if int(state.step) == 0:
+  if _is_instruct(config):
+    summary["eval_response_tokens"] = run.eval_data.stats.response_tokens
+  elif int(state.step) == 0:
     d = config.data
     summary["unigram_perplexity"] = data.unigram_perplexity(
       setup.data_dir,
@@ -611,6 +740,8 @@ def start_summary(run: Run, compiled: jax.stages.Compiled) -> dict[str, Any]:
 
 def _eval_batches(run: Run):
   d = run.config.data
+  if run.eval_data is not None:
+    return instruct.make_eval_batches(run.eval_data, batch_size=run.config.train.eval_batch_size)
   return data.make_eval_batches(
     run.setup.data_dir,
     split=d.eval_split,
@@ -749,6 +880,7 @@ __all__ = [
   "export_params",
   "init_state",
   "load_init_params",
+  "load_instruct_data",
   "load_metrics",
   "make_layout",
   "make_train_step",
