@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from galore_jax import _quantize
+from galore_jax.masks import leaf_entries
 
 DEFAULT_BLOCK_SIZE = _quantize.DEFAULT_BLOCK_SIZE  # bitsandbytes 0.50's 8-bit optimizer blocks
 DEFAULT_MIN_8BIT_SIZE = 4096  # bitsandbytes' `min_8bit_size`: smaller leaves stay float32
@@ -181,8 +182,9 @@ def scale_by_adam_8bit(
     coeffs = (beta1, beta2, correction2 / correction1, jnp.asarray(eps, jnp.float32) * correction2)
 
     leaves, treedef = jax.tree.flatten(updates)
-    mus = [_view(c, a) for c, a in zip(*map(treedef.flatten_up_to, (state.mu, state.mu_absmax)))]
-    nus = [_view(c, a) for c, a in zip(*map(treedef.flatten_up_to, (state.nu, state.nu_absmax)))]
+    entries = lambda t: leaf_entries(t, treedef)
+    mus = [_view(c, a) for c, a in zip(*map(entries, (state.mu, state.mu_absmax)))]
+    nus = [_view(c, a) for c, a in zip(*map(entries, (state.nu, state.nu_absmax)))]
 
     # XLA:CPU performance, not semantics (both branches below are the same function): fused
     # with its several consumers (the Adam math, the block maxima, the requantisation), the

@@ -279,14 +279,14 @@ def splits_evenly(entries: list, n: int, size: int) -> bool:
   return True
 
 
-def plan_chunks(layout: TreeLayout, nodes: list, projectors: int | None) -> dict:
+def plan_chunks(layout: TreeLayout, nodes: list, projectors: tuple | None) -> dict:
   """Checks that the block state slices per block; picks chunk counts for large other leaves.
 
   Leaves of the head and the embedding larger than the largest block matrix are updated in
   about that many elements at a time, so their float32 optimizer temporaries stay that small.
   """
   leaf_projs = leaf_projectors(nodes, projectors)
-  projs = lambda j: leaf_projs[j]
+  projs = lambda j: leaf_projs[j] if j < len(leaf_projs) else None
   entries = lambda j: [node[j] for node in nodes]
   n = layout.num_layers
   for j in layout.index[layout.stacked]:

@@ -49,3 +49,14 @@ def llama_vocab_mask(params: optax.Params) -> Any:
   `StableEmbedding`), whose rows of tokens absent from a batch get zero gradients.
   """
   return galore_mask_by_path(params, ("embed", "lm_head"))
+
+
+def leaf_entries(tree, treedef) -> list:
+  """The array (or `MaskedNode`) at each parameter position of a state tree, with any wrapper
+  a framework put around it (an `nnx.Variable` when the state was built from a tree of
+  Variables but is read with the tree of their arrays) removed."""
+  out = []
+  for x in treedef.flatten_up_to(tree):
+    leaves = jax.tree.leaves(x)
+    out.append(leaves[0] if len(leaves) == 1 else optax.MaskedNode() if not leaves else x)
+  return out

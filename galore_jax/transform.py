@@ -22,6 +22,7 @@ import optax
 
 from galore_jax import projection, subspace, targets
 from galore_jax.adam import scale_by_transformers_adam
+from galore_jax.masks import leaf_entries
 
 _NEEDS_PARAMS = (
   "galore: the inner optimizer needs `params` (e.g. weight decay or Adafactor's parameter "
@@ -303,7 +304,7 @@ def scale_by_galore(
 
   def per_leaf(trees, treedef):
     """A tuple of parameter-shaped trees -> per leaf, the tuple of its entries."""
-    return list(zip(*(treedef.flatten_up_to(t) for t in trees)))
+    return list(zip(*(leaf_entries(t, treedef) for t in trees)))
 
   def per_tree(entries, plans, treedef, n):
     """The inverse of `per_leaf`; leaves that are not projected get `MaskedNode`s."""

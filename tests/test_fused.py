@@ -86,7 +86,7 @@ def _reference_step(tx, k: int, clip: float, chunk: int = 0):
   graph = nnx.split(
     Llama(dataclasses.replace(CONFIG, remat_policy="full"), rngs=nnx.Rngs(0)), nnx.Param
   )[0]
-  is_p = lambda x: isinstance(x, optax.MaskedNode) or hasattr(x, "shape")
+  is_p = lambda x: isinstance(x, (optax.MaskedNode, jax.Array))
 
   def loss(params, tokens, mask):
     model = nnx.merge(graph, params)
