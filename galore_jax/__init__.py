@@ -75,4 +75,4 @@ __all__ = [
   "scale_by_transformers_adam",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
