@@ -51,4 +51,4 @@ format: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache data/tfds docs/_build docs/api/_autosummary build dist
+	rm -rf $(VENV) runs .pytest_cache data/tfds docs/_build docs/_autosummary docs/benchmarks build dist
