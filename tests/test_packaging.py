@@ -116,3 +116,10 @@ def test_readme_code_runs(heading, tmp_path, monkeypatch):
   if heading.startswith("Example ("):  # the chain example continues the first one
     code = next(iter(readme_blocks().values())) + code
   exec(compile(code, f"README.md: {heading}", "exec"), {"__name__": "readme"})
+
+
+def test_api_reference_lists_every_public_name():
+  """docs/api.md documents each name of `galore_jax.__all__` (autosummary or py:data)."""
+  page = (REPO / "docs" / "api.md").read_text()
+  listed = set(re.findall(r"^   (\w+)$", page, re.M)) | set(re.findall(r"py:data:: (\w+)", page))
+  assert set(galore_jax.__all__) <= listed, set(galore_jax.__all__) - listed
