@@ -1,5 +1,7 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
 # Each creates .venv in the repo root if missing and (re)installs only when pyproject.toml changes.
+# The wheel holds only the library (galore_jax); the trainer (train/, configs/) and benchmarks/
+# run from this checkout, which a .pth file puts on the venv's sys.path (from any directory).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +9,10 @@ PIP := $(PY) -m pip
 WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 
-.PHONY: train test lint format clean bench
+CHECKOUT_PTH = $(PY) -c "import pathlib, sysconfig; \
+  pathlib.Path(sysconfig.get_paths()['purelib'], 'galore_jax_checkout.pth').write_text('$(CURDIR)')"
+
+.PHONY: train test lint format clean bench docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +20,13 @@ $(PY):
 
 $(VENV)/.train-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[train]'
+	$(CHECKOUT_PTH)
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet 'torch==2.13.0'
-	$(PIP) install --quiet -e '.[train,test]'
+	$(PIP) install --quiet -e '.[train,test,docs]'
+	$(CHECKOUT_PTH)
 	touch $@ $(VENV)/.train-installed
 
 train: $(VENV)/.train-installed
@@ -29,6 +36,11 @@ train: $(VENV)/.train-installed
 test: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -x --durations=15 tests
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q --doctest-modules galore_jax
+
+# The documentation site (docs/_build/html), warnings as errors; offline (no intersphinx).
+docs: $(VENV)/.test-installed
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
@@ -39,4 +51,4 @@ format: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache data/tfds
+	rm -rf $(VENV) runs .pytest_cache data/tfds docs/_build docs/_autosummary docs/benchmarks build dist

@@ -10,13 +10,13 @@ Data: `--config.data.data_dir` of `python -m train.prepare_data` (C4 layout; def
 bundled sample). Where each number comes from:
 
 * rank 128: the paper's LLM fine-tuning runs (OpenAssistant / Belle, LLaMA-7B, "r=128",
-  REFERENCE.md 5.6). GLUE used r=4 / r=8 on RoBERTa-base (Table 4). Capped to the checkpoint's
+  paper Sec. 5.6). GLUE used r=4 / r=8 on RoBERTa-base (Table 4). Capped to the checkpoint's
   smallest GaLore matrix by hand for tiny models (the trainer says so if it is too large).
 * scale 2.0: Table 7's alpha for r=8 (r=4 used 4); the paper gives none for r=128.
 * learning_rate 2e-5: the middle of Table 7's fine-tuning rates (1e-5 .. 3e-5).
 * update_proj_gap 500: the GLUE README's command (Table 7 does not list T).
 * batch 16 sequences: Table 7 (CoLA 32); eps 1e-6, weight decay 0: GaLoreAdamW's defaults as
-  run_glue.py uses them (REFERENCE.md, GLUE).
+  the reference's run_glue.py uses them (github.com/jiaweizzhao/GaLore).
 * warmup 0 and decay to 0: Hugging Face Trainer's defaults that run_glue.py inherits (linear
   there; cosine here, this trainer's only schedule).
 * seq_len 512: Table 7's max sequence length.

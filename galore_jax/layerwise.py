@@ -51,7 +51,7 @@ class TreeLayout:
   `llama_galore_mask` select the same leaves).
 
   Args:
-    params: the parameter tree (arrays or `ShapeDtypeStruct`s).
+    params: the parameter tree (arrays or `ShapeDtypeStruct` leaves).
     group_of: maps a leaf's names (from `names`) to its group's name.
     stacked: the name of the stacked group.
     names: a key path's names; default `galore_jax.masks.path_names`.

@@ -83,7 +83,7 @@ def _leaf_bytes(leaf: Any) -> int:
 
 
 def tree_bytes(tree: Any) -> int:
-  """Total bytes of the array leaves of `tree` (arrays or `jax.ShapeDtypeStruct`s).
+  """Total bytes of the array leaves of `tree` (arrays or `jax.ShapeDtypeStruct` leaves).
 
   Args:
     tree: any pytree, e.g. params, gradients or an `jax.eval_shape` result.

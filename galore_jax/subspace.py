@@ -192,31 +192,30 @@ def adaptive_left_basis(
 ) -> tuple[jax.Array, RefreshStats]:
   r"""`randomized_left_basis` with as many iterations as a certified energy fraction needs.
 
-    Each iteration is `x <- Q U` with `Q, R = qr(a z)`, `z = orth(aᵀ x)`, `U` the left singular
-    vectors of `R` (row-space Rayleigh–Ritz: the first `r` columns of `x` are the candidate
-    basis `P`). After each one, with `w = aᵀ x` (the next iteration's first product, so the
-    check costs no extra pass over `a` but the `ρ̂` power steps):
+  Each iteration is `x <- Q U` with `Q, R = qr(a z)`, `z = orth(aᵀ x)`, `U` the left singular
+  vectors of `R` (row-space Rayleigh–Ritz: the first `r` columns of `x` are the candidate
+  basis `P`). After each one, with `w = aᵀ x` (the next iteration's first product, so the
+  check costs no extra pass over `a` but the `ρ̂` power steps):
 
-    .. math::
-      \hat\eta = rac{\|P^	op a\|_F^2}
-        {\sum_{i \le r} \sigma_i(x^	op a)^2 + \min(r\,\hat
-  ho^2,\ \|a\|_F^2 - \|x^	op a\|_F^2)}
+  .. math::
+    \hat\eta = \frac{\|P^\top a\|_F^2}
+      {\sum_{i \le r} \sigma_i(x^\top a)^2 + \min(r\,\hat\rho^2,\ \|a\|_F^2 - \|x^\top a\|_F^2)}
 
-    where `ρ̂` estimates `‖R‖₂`, `R = (I - x xᵀ) a`. Since `aᵀa = aᵀ x xᵀ a + Rᵀ R`, Ky Fan's
-    inequality bounds the exact top-`r` energy `E* = Σ_{i<=r} σ_i(a)²` by the denominator with
-    `ρ̂ = ‖R‖₂`, and `Σ_{i<=r} λ_i(RᵀR) <= min(r ‖R‖₂², ‖R‖_F²)`. So `η̂ <= ‖Pᵀa‖² / E*`: a
-    certificate, rigorous up to `ρ̂` (a block power estimate, `_RHO_STEPS` steps, from below;
-    `r ρ̂²` is seldom the binding term). It is loose by at most the denominator's excess,
-    `true - η̂ <= η (min(r ρ², ‖R‖_F²) + top - E*) / E*`, which vanishes as the spectrum decays
-    past `k = r + p`; for slow spectra (`σ_{k+1} ≈ σ_r`) no `k`-column sketch can certify
-    much, and the loop runs to `max_iters`.
+  where `ρ̂` estimates `‖R‖₂`, `R = (I - x xᵀ) a`. Since `aᵀa = aᵀ x xᵀ a + Rᵀ R`, Ky Fan's
+  inequality bounds the exact top-`r` energy `E* = Σ_{i<=r} σ_i(a)²` by the denominator with
+  `ρ̂ = ‖R‖₂`, and `Σ_{i<=r} λ_i(RᵀR) <= min(r ‖R‖₂², ‖R‖_F²)`. So `η̂ <= ‖Pᵀa‖² / E*`: a
+  certificate, rigorous up to `ρ̂` (a block power estimate, `_RHO_STEPS` steps, from below;
+  `r ρ̂²` is seldom the binding term). It is loose by at most the denominator's excess,
+  `true - η̂ <= η (min(r ρ², ‖R‖_F²) + top - E*) / E*`, which vanishes as the spectrum decays
+  past `k = r + p`; for slow spectra (`σ_{k+1} ≈ σ_r`) no `k`-column sketch can certify
+  much, and the loop runs to `max_iters`.
 
-    The loop stops when `η̂ >= energy_tol` after at least `min_iters` iterations (warm) or
-    `cold_min_iters` (cold: `prev` all zeros), or at `max_iters`. With batch axes, each matrix
-    stops on its own (later iterations leave it unchanged) and reports its own count.
+  The loop stops when `η̂ >= energy_tol` after at least `min_iters` iterations (warm) or
+  `cold_min_iters` (cold: `prev` all zeros), or at `max_iters`. With batch axes, each matrix
+  stops on its own (later iterations leave it unchanged) and reports its own count.
 
-    Returns:
-      `(basis [..., D, r] float32 with the canonical sign, RefreshStats)`.
+  Returns:
+    `(basis [..., D, r] float32 with the canonical sign, RefreshStats)`.
   """
   d, e = a_DxE.shape[-2:]
   r = prev_DxR.shape[-1]

@@ -305,7 +305,7 @@ def test_static_arguments_are_validated():
     galore_adamw_8bit(1e-3, on_refresh="reset")
 
 
-def _llama_losses(tx, steps: int, probe=None) -> np.ndarray:
+def _llama_losses(data_dir: str, tx, steps: int, probe=None) -> np.ndarray:
   """Per-step training losses (or `probe(updates)`) of a small LLaMA on the bundled C4 sample;
   same initialisation and batches for every call."""
   cfg = llama.llama_config("9m", hidden_dim=64, mlp_dim=128, num_heads=2, num_layers=2)
@@ -321,9 +321,7 @@ def _llama_losses(tx, steps: int, probe=None) -> np.ndarray:
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss if probe is None else probe(u)
 
-  batches = data.make_train_iterator(
-    data.ensure_bundled_prepared(), seq_len=64, batch_size=8, seed=0
-  )
+  batches = data.make_train_iterator(data_dir, seq_len=64, batch_size=8, seed=0)
   state, out = tx.init(params), []
   for _ in range(steps):
     params, state, value = step(params, state, jnp.asarray(next(batches)["tokens"]))
@@ -332,7 +330,7 @@ def _llama_losses(tx, steps: int, probe=None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "galore_adamw_8bit"])
-def test_8bit_tracks_float32_twin_on_llama_with_bundled_c4(name):
+def test_8bit_tracks_float32_twin_on_llama_with_bundled_c4(data_dir, name):
   """25 steps of a 2-layer LLaMA on real C4 text, every moment except the vocabulary leaves'
   in 8 bits (`min_8bit_size=256` so that GaLore's small low-rank moments are quantised too).
 
@@ -346,19 +344,20 @@ def test_8bit_tracks_float32_twin_on_llama_with_bundled_c4(name):
       return adamw_8bit(3e-3, weight_decay=0.01, **kw)
     return galore_adamw_8bit(1e-2, rank=16, update_proj_gap=10, mask=llama_galore_mask, **kw)
 
-  l8, l32 = _llama_losses(make(256), 25), _llama_losses(make(NEVER), 25)
+  l8, l32 = _llama_losses(data_dir, make(256), 25), _llama_losses(data_dir, make(NEVER), 25)
   assert l32[-1] < 0.8 * l32[0]  # it does train
   np.testing.assert_array_less(np.abs(l8 - l32), 0.005 * l32)
 
 
-def test_8bit_vocab_moments_blow_up_rows_of_absent_tokens_without_float32_mask():
+def test_8bit_vocab_moments_blow_up_rows_of_absent_tokens_without_float32_mask(data_dir):
   """bitsandbytes' known failure, reproduced: an 8-bit `v` rounds to zero below ~1e-7 of its
   block's maximum, so an embedding entry whose gradient then vanishes (token absent from the
   batch) gets the update `m / eps`. Measured at step 2: the largest embedding update is ~100x the
   float32 twin's (0.30 vs 0.0030); with `float32_mask=llama_vocab_mask` they are equal."""
 
   def max_embed_update(tx):
-    return _llama_losses(tx, 3, probe=lambda u: jnp.max(jnp.abs(u["embed"]["embedding"].value)))
+    probe = lambda u: jnp.max(jnp.abs(u["embed"]["embedding"].value))
+    return _llama_losses(data_dir, tx, 3, probe=probe)
 
   plain = max_embed_update(adamw_8bit(3e-3, weight_decay=0.01))
   twin = max_embed_update(adamw_8bit(3e-3, weight_decay=0.01, min_8bit_size=NEVER))

@@ -10,15 +10,8 @@ from flax import nnx
 from test_train import _final_state, tiny_config
 
 import galore_jax as gj
-from train import data, lowrank, optim, trainer
+from train import lowrank, optim, trainer
 from train.model import count_params, is_galore_target
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("c4")
-  data.ensure_bundled_prepared(out)
-  return str(out)
 
 
 def _config(name: str, data_dir: str = "", **train):

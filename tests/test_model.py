@@ -373,7 +373,8 @@ def test_model_loss_ignores_tokens_in_pad_region():
 # ----------------------------------------------------------------------------------------------
 # Sizes and parameter counts.
 
-# REFERENCE.md 4.7: (total M, GaLore-target M), rounded to 0.01M as printed there.
+# (total M, GaLore-target M), rounded to 0.01M as the reference's torchrun_main.py prints them
+# ("Total params", "Total params with GaLore enabled"; github.com/jiaweizzhao/GaLore).
 REFERENCE_COUNTS = {
   "9m": (9.00, 0.80),
   "20m": (19.55, 3.16),

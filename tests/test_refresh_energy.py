@@ -168,14 +168,13 @@ def test_slow_spectrum_runs_to_the_limit_and_reports_what_it_certified():
 
 
 @pytest.fixture(scope="module")
-def llama_gradients(tmp_path_factory):
+def llama_gradients(data_dir):
   """Attention + MLP kernel gradients of a tiny LLaMA (2 stacked layers) on a bundled batch."""
   cfg = llama.llama_config(
     "9m", hidden_dim=64, mlp_dim=160, num_heads=2, num_layers=2, scan_layers=True
   )
   mdl = llama.Llama(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(mdl, nnx.Param)
-  data_dir = data.ensure_bundled_prepared(tmp_path_factory.mktemp("c4"))
   tokens = next(data.make_train_iterator(data_dir, batch_size=4, seq_len=64))
 
   def loss_fn(p):
@@ -283,14 +282,14 @@ def test_trainer_config_validates_energy_options(field, value, match):
     optim.validate_optimizer_config(c.optimizer, params)
 
 
-def test_trainer_logs_refresh_iterations_and_certificate(tmp_path):
+def test_trainer_logs_refresh_iterations_and_certificate(data_dir, tmp_path):
   """A tiny run with energy_tol: metrics.jsonl holds one refresh record per refresh step (the
   optimizer counts 0 and 3 with update_proj_gap=3: steps 1 and 4), with values in range."""
   from test_train import tiny_config  # noqa: PLC0415 (the shared tiny config)
 
   from train import trainer  # noqa: PLC0415
 
-  c = tiny_config(str(data.ensure_bundled_prepared(tmp_path / "c4")), num_steps=4)
+  c = tiny_config(data_dir, num_steps=4)
   c.train.update(eval_every=4, checkpoint_every=4)
   c.optimizer.update(subspace_method="randomized", energy_tol=0.99, max_power_iters=3)
   trainer.train_and_evaluate(c, tmp_path / "run")

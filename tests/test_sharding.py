@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
 from configs import default
-from train import data, hlo, sharding, trainer
+from train import hlo, sharding, trainer
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 MESHES = ("1x1", "8x1", "2x4", "1x8")
@@ -238,10 +238,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, data_dir):
   """Starts the 8-device checks and the 2-process run together; waits for both."""
   tmp = tmp_path_factory.mktemp("sharding")
-  data_dir = str(data.ensure_bundled_prepared(tmp / "c4"))
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   checks = subprocess.Popen(
     [sys.executable, str(WORKER), "checks", data_dir, str(tmp / "report.json")],

@@ -18,14 +18,6 @@ from train.model import Llama
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """The bundled sample, prepared once for this module."""
-  out = tmp_path_factory.mktemp("c4")
-  data.ensure_bundled_prepared(out)
-  return str(out)
-
-
 def tiny_config(data_dir: str, **train):
   c = default.get_config()
   c.model.update(size="9m", hidden_dim=32, mlp_dim=64, num_heads=2, num_layers=2)

@@ -179,7 +179,8 @@ def _size(hidden: int, inter: int, heads: int, layers: int, vocab: int = 32000) 
   )
 
 
-# The reference's configs/llama_*.json (REFERENCE.md 4.7): hidden, intermediate, heads, layers.
+# The reference's configs/llama_*.json (github.com/jiaweizzhao/GaLore): hidden, intermediate,
+# heads, layers.
 LLAMA_SIZES: dict[str, LlamaConfig] = {
   "9m": _size(128, 352, 4, 4),
   "20m": _size(256, 688, 4, 4),
