@@ -13,13 +13,19 @@ Modules, from the bottom up (each imports only those above it):
 * `alias`: `galore`, `galore_adamw`, `adamw_8bit`, `galore_adamw_8bit`.
 * `layerwise`: updating one leaf (or one layer of a stacked leaf) at a time, in place.
 * `memory`: exact optimizer-state bytes.
+* `sharding`: partition specs of parameters and optimizer states for a user's sharded loop.
 
 References:
   Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024,
   https://arxiv.org/abs/2403.03507
 """
 
-from galore_jax import memory, projection, subspace
+from galore_jax import (
+  memory,
+  projection,
+  sharding,
+  subspace,
+)
 from galore_jax.adam import (
   ScaleByTransformersAdamState,
   add_decayed_weights_after_update,
@@ -81,6 +87,7 @@ __all__ = [
   "scale_by_adam_8bit",
   "scale_by_galore",
   "scale_by_transformers_adam",
+  "sharding",
   "static_args",
 ]
 

@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import AxisType
 
 from galore_jax import projection, subspace, targets
 from galore_jax.adam import scale_by_transformers_adam
-from galore_jax.masks import leaf_entries
+from galore_jax.masks import leaf_entries, path_names
 
 _NEEDS_PARAMS = (
   "galore: the inner optimizer needs `params` (e.g. weight decay or Adafactor's parameter "
@@ -316,6 +317,7 @@ def scale_by_galore(
     )
 
   def init_fn(params):
+    check_auto_sharding(params, "parameter")
     leaves, plans, treedef = flat_plans(params, warn=True)
     projectors, low = [], []
     for p, plan in zip(leaves, plans):
@@ -337,6 +339,7 @@ def scale_by_galore(
     return GaLoreState(jnp.zeros([], jnp.int32), projs, inner_state, stats)
 
   def update_fn(updates, state, params=None):
+    check_auto_sharding(updates, "gradient")
     leaves, plans, treedef = flat_plans(updates)
     old = per_leaf(state.projectors, treedef)
     if with_stats:
@@ -414,6 +417,25 @@ def scale_by_galore(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def check_auto_sharding(tree: Any, where: str) -> None:
+  """A clear error when a leaf is sharded over Explicit mesh axes (see the module docstring)."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    try:
+      sharding = jax.typeof(x).sharding
+    except (TypeError, AttributeError):
+      continue
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", None) or ()
+    spec = tuple(getattr(sharding, "spec", ()) or ())
+    if any(t == AxisType.Explicit for t in types) and any(s is not None for s in spec):
+      name = "/".join(map(str, path_names(path)))
+      raise ValueError(
+        f"galore: {where} {name} is sharded over Explicit mesh axes ({sharding.spec}); GaLore "
+        "needs GSPMD (Auto) axes. Build the mesh with jax.make_mesh(shape, names, "
+        "axis_types=(jax.sharding.AxisType.Auto,) * len(names)); see galore_jax.sharding."
+      )
 
 
 def _zero_stats(batch: tuple[int, ...], n_bases: int) -> tuple:

@@ -50,13 +50,11 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from jax.tree_util import GetAttrKey
 
 import galore_jax as gj
-from train.model import galore_target_mask, param_names
+from train.model import galore_target_mask
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over every device
@@ -128,23 +126,9 @@ def validate_batch(
     )
 
 
-def _split_largest(shape: tuple[int, ...], fsdp: int) -> P:
-  """Split the largest axis divisible by `fsdp` (ties: the last); replicate if none."""
-  if fsdp == 1:
-    return P()
-  best = None
-  for axis, size in enumerate(shape):
-    if size % fsdp == 0 and (best is None or size >= shape[best]):
-      best = axis
-  return P() if best is None else _on_axis(len(shape), best)
-
-
-def _on_axis(ndim: int, axis: int) -> P:
-  return P(*(FSDP if a == axis % ndim else None for a in range(ndim)))
-
-
 def param_specs(params: Any, fsdp: int, *, galore_mask: Any = None, proj_type: str = "std") -> Any:
-  """`PartitionSpec` per parameter for an `fsdp`-way split (see the module docstring).
+  """`PartitionSpec` per parameter for an `fsdp`-way split (see the module docstring):
+  `galore_jax.sharding.param_partition_specs` over the `fsdp` axis.
 
   Args:
     params: the parameter tree (arrays or `ShapeDtypeStruct`s).
@@ -156,63 +140,9 @@ def param_specs(params: Any, fsdp: int, *, galore_mask: Any = None, proj_type: s
   Returns:
     A tree of `PartitionSpec` shaped like `params`.
   """
-  mask = jax.tree.map(lambda _: False, params) if galore_mask is None else galore_mask
-
-  def spec(p, targeted):
-    shape = tuple(p.shape)
-    kept = gj.projection.kept_axis(shape, proj_type) if targeted else None
-    if kept is not None and fsdp > 1:
-      for axis in (kept, -3 - kept):  # the kept axis, else the reduced one (-1 <-> -2)
-        if shape[axis] % fsdp == 0:
-          return _on_axis(len(shape), axis)
-    return _split_largest(shape, fsdp)
-
-  return jax.tree.map(spec, params, mask)
-
-
-def _param_index(params: Any, specs: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], P]]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(params)
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  return {param_names(k): (tuple(p.shape), s) for (k, p), s in zip(flat, spec_leaves)}
-
-
-def _find_param(keys: tuple[str, ...], index: Mapping) -> tuple[tuple[int, ...], P] | None:
-  """The parameter whose path occurs in `keys` (longest first): a state leaf laid out for it."""
-  for start in range(len(keys)):
-    for end in range(len(keys), start, -1):
-      if keys[start:end] in index:
-        return index[keys[start:end]]
-  return None
-
-
-def _like_param(shape: tuple[int, ...], param_shape: tuple[int, ...], spec: P, fsdp: int) -> P:
-  """A state leaf of a parameter: the parameter's spec if every split axis has the same size
-  (full-rank moments; low-rank moments, which shrink only the reduced axis), else the generic
-  rule (e.g. 8-bit moments stored as `[blocks, block_size]`)."""
-  if len(shape) == len(param_shape) and all(
-    name is None or shape[a] == param_shape[a] for a, name in enumerate(spec)
-  ):
-    return spec
-  return _split_largest(shape, fsdp)
-
-
-def _split_on_reduced_axis(param: tuple[tuple[int, ...], P] | None, proj_type: str) -> bool:
-  """Whether a target is split along the axis GaLore reduces (its kept axis did not divide)."""
-  if param is None:
-    return False
-  shape, spec = param
-  kept = gj.projection.kept_axis(shape, proj_type)
-  if kept is None or FSDP not in tuple(spec):
-    return False
-  reduced = len(shape) - (1 if kept % len(shape) == len(shape) - 2 else 2)
-  return tuple(spec).index(FSDP) == reduced
-
-
-def _projector_spec(shape: tuple[int, ...], fsdp: int, split: bool) -> P:
-  """A projector `[..., D, r]`: split along `D` or replicated."""
-  if split and fsdp > 1 and shape[-2] % fsdp == 0:
-    return _on_axis(len(shape), -2)
-  return P()
+  return gj.sharding.param_partition_specs(
+    params, FSDP, fsdp, mask=galore_mask, proj_type=proj_type
+  )
 
 
 def state_specs(
@@ -225,69 +155,19 @@ def state_specs(
   proj_type: str = "std",
   for_update: bool = False,
 ) -> Any:
-  """`PartitionSpec` per leaf of any tree holding parameters and optimizer state.
-
-  Leaves are matched to parameters by key path (optax states mirror the parameter tree):
-  parameters and state laid out like them follow `specs`; 8-bit moments are split by whole
-  quantisation blocks (codes with their absmax); leaves that belong to no parameter (step,
-  counts, RNG) are replicated. GaLore projectors are split along `D` if `shard_projectors`
-  (storage) or, with `for_update` (how the update reads them), only where the target itself is
-  split along the reduced axis `D` (its kept axis did not divide): there the projection
-  contracts the split axis locally and only `r`-sized results are reduced; elsewhere they are
-  replicated, gathered once per step.
-  """
-  index = _param_index(params, specs)
-  special = lambda x: isinstance(x, (gj.GaLoreState, gj.ScaleByAdam8bitState))
-
-  def leaf(path, x):
-    found = _find_param(param_names(path), index)
-    if found is None or not np.ndim(x):
-      return P()
-    return _like_param(tuple(x.shape), *found, fsdp)
-
-  def projector(path, p):
-    split = shard_projectors
-    if for_update:
-      split = _split_on_reduced_axis(_find_param(param_names(path), index), proj_type)
-    return _projector_spec(tuple(p.shape), fsdp, split)
-
-  def quantized(path, codes_tree, absmax_tree):
-    """8-bit moments: codes `[blocks, block_size]` and their scales `[blocks]` split by whole
-    blocks together; float32 moments (`MaskedNode` scales) like their parameter."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(codes_tree)
-    codes, scales = [], []
-    for (sub, c), a in zip(flat, treedef.flatten_up_to(absmax_tree)):
-      if isinstance(a, optax.MaskedNode):
-        codes.append(leaf((*path, *sub), c))
-        scales.append(optax.MaskedNode())
-        continue
-      split = fsdp > 1 and a.shape[0] % fsdp == 0
-      codes.append(P(FSDP, None) if split else P())
-      scales.append(P(FSDP) if split else P())
-    return treedef.unflatten(codes), treedef.unflatten(scales)
-
-  def node(prefix, path, x):
-    path = (*prefix, *path)
-    if isinstance(x, gj.ScaleByAdam8bitState):
-      mu, mu_absmax = quantized((*path, GetAttrKey("mu")), x.mu, x.mu_absmax)
-      nu, nu_absmax = quantized((*path, GetAttrKey("nu")), x.nu, x.nu_absmax)
-      return gj.ScaleByAdam8bitState(P(), mu, nu, mu_absmax, nu_absmax)
-    if not isinstance(x, gj.GaLoreState):
-      return leaf(path, x)
-    proj = lambda sub, p: projector((*path, *sub), p)
-    return gj.GaLoreState(
-      P(),
-      jax.tree_util.tree_map_with_path(proj, x.projectors),
-      walk(path, x.inner_state),
-      jax.tree.map(lambda _: P(), x.refresh_stats),  # energy_tol's few scalars: replicated
-    )
-
-  def walk(prefix, tree):
-    return jax.tree_util.tree_map_with_path(
-      lambda path, x: node(prefix, path, x), tree, is_leaf=special
-    )
-
-  return walk((), state)
+  """`PartitionSpec` per leaf of any tree holding parameters and optimizer state:
+  `galore_jax.sharding.state_partition_specs` over the `fsdp` axis (the library's rules, which
+  a user's own loop gets too; see the module docstring)."""
+  return gj.sharding.state_partition_specs(
+    state,
+    params,
+    specs,
+    FSDP,
+    fsdp,
+    shard_projectors=shard_projectors,
+    proj_type=proj_type,
+    for_update=for_update,
+  )
 
 
 class Layout(NamedTuple):
