@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   # galore_adamw | adamw | galore | adamw_8bit | galore_adamw_8bit, or the paper's low-rank
   # baselines (train/lowrank.py): lora | relora | low_rank
   c.optimizer.name = "galore_adamw"
-  c.optimizer.inner = "adafactor"  # inner optax optimizer for name="galore": adam | adafactor
+  c.optimizer.inner = "adafactor"  # name="galore"'s inner: adam | adafactor | lion | sgd (b1)
   c.optimizer.learning_rate = 0.01  # peak learning rate (the paper: 0.01 for GaLore)
   c.optimizer.warmup_fraction = 0.1  # linear warmup from 0 over this fraction of steps
   c.optimizer.min_lr_ratio = 0.1  # cosine decays to this fraction of the peak

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 import galore_jax as gj
 from train import lowrank
@@ -27,7 +28,7 @@ OPTIMIZERS = (
   "galore_adamw_8bit",
   *lowrank.METHODS,  # the paper's low-rank baselines (train/lowrank.py)
 )
-INNER_OPTIMIZERS = ("adam", "adafactor")
+INNER_OPTIMIZERS = ("adam", "adafactor", "lion", "sgd")
 
 
 def warmup_cosine_schedule(
@@ -140,6 +141,10 @@ def make_optimizer(
       inner = optax.adafactor(
         lr, decay_rate=0.8, multiply_by_parameter_scale=False, momentum=o.b1 or None
       )
+    elif o.inner == "lion":
+      inner = optax.lion(lr, b1=o.b1, b2=o.b2)
+    elif o.inner == "sgd":
+      inner = optax.sgd(lr, momentum=o.b1 or None)
     else:
       raise ValueError(f"config.optimizer.inner={o.inner!r} is not one of {INNER_OPTIMIZERS}.")
     tx = optax.chain(
@@ -240,7 +245,21 @@ def validate_optimizer_config(
     fail("energy_tol", "must be a number in [0, 1) (0 = off: fixed power_iters).")
   if o.energy_tol and o.subspace_method != "randomized":
     fail("energy_tol", "needs subspace_method='randomized' (the exact SVD needs no tolerance).")
-  _check_rank(o, params, fail)
+  _check_galore_rank(o, params, fail)
+
+
+def _check_galore_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
+  """The library's rule, stated once in `galore_jax.galore_targets`: a rank above a matrix's
+  smaller dimension is clipped (as the reference's thin SVD does), with a warning where GaLore
+  would then hold more state than Adam."""
+  if not isinstance(o.rank, int) or isinstance(o.rank, bool) or o.rank < 1:
+    fail("rank", "must be an int >= 1.")
+  rows = gj.galore_targets(params, rank=o.rank, proj_type=o.proj_type, mask=galore_target_mask)
+  if not any(t.projected for t in rows):
+    fail("name", "targets attn/mlp kernels but the model has none.")
+  for t in rows:
+    if t.note:
+      logging.warning("config.optimizer.rank=%d: %s %s: %s", o.rank, t.path, t.shape, t.note)
 
 
 def _check_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
