@@ -223,9 +223,7 @@ def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> Non
   try:
     vocab_size = data.Tokenizer(setup.vocab_path).vocab_size
   except Exception as e:  # noqa: BLE001 (sentencepiece raises RuntimeError/OSError)
-    raise _field_error(
-      "data.vocab_path", d.vocab_path, f"is not a usable SentencePiece model: {e}"
-    ) from e
+    raise _tokenizer_error(config, setup.vocab_path, e) from e
   if vocab_size > setup.model_config.vocab_size:
     model = (
       f"config.init_from={config.init_from!r}"
@@ -246,6 +244,33 @@ def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> Non
       raise _field_error(
         f"data.{field}", d[field], f"has no documents in {data_dir}: nothing to train or evaluate."
       )
+
+
+def _tokenizer_error(config: ml_collections.ConfigDict, path: Path, e: Exception) -> ValueError:
+  """The error for a tokenizer file that does not load, naming the field it came from."""
+  why = (
+    f"{e}."  # a SentencePiece model that the pipeline cannot use (`data.Tokenizer` says why)
+    if isinstance(e, ValueError)
+    else f"{path} cannot be read as a SentencePiece model ({e}): it is truncated, corrupted or "
+    "another format."
+  )
+  if config.data.vocab_path:
+    return _field_error(
+      "data.vocab_path",
+      config.data.vocab_path,
+      f"is not a usable SentencePiece model: {why} Point it at a valid .model file.",
+    )
+  if config.get("init_from"):
+    return _field_error(
+      "init_from",
+      config.init_from,
+      f"has a tokenizer that does not load: {why} "
+      "Copy it from the model's source again, or set config.data.vocab_path.",
+    )
+  return ValueError(
+    f"The bundled vocabulary does not load: {why} Restore it with "
+    f"`git checkout -- {path.relative_to(c4_builder.BUNDLED_RAW_DIR.parent)}`."
+  )
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
@@ -321,13 +346,16 @@ def load_init_params(config: ml_collections.ConfigDict, setup: Setup) -> Any:
   if not config.get("init_from"):
     return None
   m = config.model
-  loaded_config, model = checkpoint_io.load_hf_pretrained(
-    config.init_from,
-    dtype=m.dtype,
-    param_dtype=m.param_dtype,
-    scan_layers=m.scan_layers,
-    remat_policy=m.remat_policy,
-  )
+  try:
+    loaded_config, model = checkpoint_io.load_hf_pretrained(
+      config.init_from,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      scan_layers=m.scan_layers,
+      remat_policy=m.remat_policy,
+    )
+  except (OSError, ValueError) as e:  # missing, truncated or corrupted weights, named
+    raise _field_error("init_from", config.init_from, f"cannot be loaded: {e}") from e
   if loaded_config != setup.model_config:  # both come from one config.json
     raise RuntimeError(f"{config.init_from} changed while the run started")
   return nnx.state(model, nnx.Param)
