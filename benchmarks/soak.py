@@ -129,6 +129,7 @@ def config_for(args: argparse.Namespace):
   c.train.num_steps = args.num_steps
   c.train.checkpoint_every = args.checkpoint_every
   c.train.eval_every = args.eval_every
+  c.train.log_every = 1  # the step clock of the samples (metrics are fetched every step anyway)
   c.train.progress_bar = False
   return c
 
@@ -167,7 +168,7 @@ def analyse(w: Watcher, records: list[dict], stopped_by: str) -> dict:
   return {
     "stopped_by": stopped_by,
     "seconds": w.samples[-1]["t"],
-    "steps": max((r["step"] for r in records if "loss" in r), default=0),
+    "steps": max((r["step"] for r in records), default=0),
     "warm_up_seconds": warm_t,
     "rss_mb_start": after[0]["rss_mb"] if after else float("nan"),
     "rss_mb_end": w.samples[-1]["rss_mb"],
