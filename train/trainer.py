@@ -531,7 +531,9 @@ class Run:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   """Validates `config` (every config error is raised here, before anything is allocated or
-  compiled), then builds the state in its shardings and restores `workdir`'s latest checkpoint."""
+  compiled), locks `workdir` (`dirlock.DirectoryInUse` if another trainer holds it), then builds
+  the state in its shardings and restores `workdir`'s latest checkpoint. The returned run holds
+  the lock: `run.lock.release()` when done with it (`train_and_evaluate` does)."""
   workdir = Path(workdir)
   sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
   setup = build(config)
