@@ -438,9 +438,9 @@ def test_split_with_only_bad_records_is_a_clear_error(data_dir, tmp_path, split)
   pattern = rf"C4 split '{split}' would have no documents in {out}: .*malformed=3, empty=1"
   with pytest.raises(ValueError, match=pattern):
     c4_builder.prepare(out, train_patterns=[train], validation_patterns=[validation])
-  assert not c4_builder.is_prepared(out)
+  assert not out.exists()  # nothing half-made: the folder prepare created is gone too
   config = tiny_config(str(out))
-  with pytest.raises(ValueError, match=r"^config\.data\.data_dir=.* has no prepared C4"):
+  with pytest.raises(ValueError, match=r"^config\.data\.data_dir=.* does not exist; prepare C4"):
     trainer.train_and_evaluate(config, tmp_path / "run")
 
 

@@ -395,7 +395,9 @@ def prepare(
   building = Path(tempfile.mkdtemp(prefix=_BUILDING_PREFIX, dir=data_dir))
   try:
     with dirlock.DirLock(building, "dataset build"):
-      builder = _build(building, train_files, validation_files, validation_fraction, strict)
+      builder = _build(
+        building, data_dir, train_files, validation_files, validation_fraction, strict
+      )
       _move_into_place(building, data_dir)
   finally:
     shutil.rmtree(building, ignore_errors=True)
@@ -408,10 +410,12 @@ def prepare(
 _BUILDING_PREFIX = ".c4-building-"  # a dataset being written (locked by its writer)
 
 
-def _build(data_dir: Path, train_files, validation_files, validation_fraction, strict) -> C4:
-  """Writes the dataset into `data_dir` with tfds; returns the builder (its counts)."""
+def _build(
+  building: Path, data_dir: Path, train_files, validation_files, validation_fraction, strict
+):
+  """Writes the dataset into `building` with tfds (errors name `data_dir`); returns the builder."""
   builder = C4(
-    data_dir=os.fspath(data_dir),
+    data_dir=os.fspath(building),
     config=CONFIG,
     file_format="array_record",
     train_files=train_files,
