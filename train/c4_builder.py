@@ -398,7 +398,7 @@ def prepare(
       builder = _build(
         building, data_dir, train_files, validation_files, validation_fraction, strict
       )
-      _move_into_place(building, data_dir)
+      _move_into_place(building, data_dir, overwrite)
   finally:
     shutil.rmtree(building, ignore_errors=True)
     if created and not any(data_dir.iterdir()):
@@ -435,15 +435,19 @@ def _build(
   return builder
 
 
-def _move_into_place(building: Path, data_dir: Path) -> None:
-  """Moves the dataset built under `building` to `data_dir`, replacing a prepared one."""
+def _move_into_place(building: Path, data_dir: Path, overwrite: bool) -> None:
+  """Moves the dataset built under `building` to `data_dir` (replacing a prepared one only
+  with `overwrite`: without it, one there now was finished by a concurrent `prepare`, maybe
+  already read by a trainer, and ours is dropped)."""
   target = dataset_dir(data_dir)
   target.parent.mkdir(parents=True, exist_ok=True)
   for extra in (building / NAME / ".config",):  # tfds' builder metadata, beside the configs
     if extra.is_dir() and not (data_dir / NAME / extra.name).exists():
       extra.rename(data_dir / NAME / extra.name)
-  if target.exists():  # --overwrite: the old one goes only now, into the folder removed next
-    target.rename(building / "replaced")
+  if target.exists():
+    if is_prepared(data_dir) and not overwrite:
+      return
+    target.rename(building / "replaced")  # the old one goes only now, with the build folder
   dataset_dir(building).rename(target)
 
 
