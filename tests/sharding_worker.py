@@ -5,6 +5,7 @@ device) runs this script as a subprocess:
 
   python tests/sharding_worker.py checks DATA_DIR OUT.json   # 8 devices: meshes, HLO, resume
   python tests/sharding_worker.py multihost DATA_DIR WORKDIR  # one of 2 processes x 4 devices
+  python tests/sharding_worker.py preempt DATA_DIR WORKDIR    # the same, until SIGTERM
 
 `checks` writes a JSON report that the tests assert on. `multihost` is one process of a
 2-process run (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` set by the
@@ -17,7 +18,7 @@ import os
 import sys
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else ""
-_DEVICES = 4 if MODE == "multihost" else 8
+_DEVICES = 4 if MODE in ("multihost", "preempt") else 8
 # Unoptimised CPU code generation halves compile time; numerics do not depend on it.
 os.environ["XLA_FLAGS"] = (
   f"--xla_force_host_platform_device_count={_DEVICES} --xla_backend_optimization_level=0 "
@@ -33,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-if MODE == "multihost":
+if MODE in ("multihost", "preempt"):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import galore_jax as gj  # noqa: E402
@@ -237,8 +238,35 @@ def main_multihost(data_dir: str, workdir: str) -> None:
   print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count())
 
 
+def main_preempt(data_dir: str, workdir: str) -> None:
+  """`multihost` with 40 steps; process 1 pauses after logging step 2 and writes
+  `WORKDIR.paused`, for the test's SIGTERM to reach it alone, mid-run. Exits 75 if preempted."""
+  from train import preemption  # noqa: PLC0415
+
+  log_step = trainer._StepLog.__call__
+
+  def log_then_pause(self, step_done, out):
+    values = log_step(self, step_done, out)
+    if step_done == 2 and jax.process_index() == 1:
+      Path(workdir + ".paused").write_text("")
+      time.sleep(2)
+    return values
+
+  trainer._StepLog.__call__ = log_then_pause
+  config = tiny_config(data_dir, "galore_adamw")
+  config.mesh.update(data=2, fsdp=4)
+  config.train.num_steps = 40
+  try:
+    trainer.train_and_evaluate(config, workdir)
+  except preemption.Preempted as e:
+    print(f"process {jax.process_index()}: {e}", flush=True)
+    sys.exit(preemption.EXIT_CODE)
+
+
 if __name__ == "__main__":
-  if MODE == "checks":
+  if MODE == "preempt":
+    main_preempt(sys.argv[2], sys.argv[3])
+  elif MODE == "checks":
     main_checks(sys.argv[2], sys.argv[3])
   elif MODE == "multihost":
     main_multihost(sys.argv[2], sys.argv[3])

@@ -65,7 +65,9 @@ TRANSFORMS = {
   "galore_sgd_momentum": lambda: gj.galore(
     optax.sgd(1e-1, momentum=0.9), rank=RANK, update_proj_gap=GAP
   ),
-  "galore_contrib_muon": lambda: gj.galore(optax.contrib.muon(1e-2), rank=RANK, update_proj_gap=GAP),
+  "galore_contrib_muon": lambda: gj.galore(
+    optax.contrib.muon(1e-2), rank=RANK, update_proj_gap=GAP
+  ),
 }
 NAMES = list(TRANSFORMS)
 
@@ -116,7 +118,10 @@ def _functional_run(tx, steps=STEPS, jit=True):
 def _assert_trees(a, b, tol):
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), err_msg=jax.tree_util.keystr(path), **tol
+      np.asarray(x, np.float64),
+      np.asarray(y, np.float64),
+      err_msg=jax.tree_util.keystr(path),
+      **tol,
     )
 
 
@@ -204,7 +209,9 @@ class _LinenModel(linen.Module):
 @pytest.mark.parametrize("name", NAMES)
 def test_linen_train_state_loop_gives_the_functional_numbers(name, reference):
   model = _LinenModel()
-  state = train_state.TrainState.create(apply_fn=model.apply, params=_params(), tx=TRANSFORMS[name]())
+  state = train_state.TrainState.create(
+    apply_fn=model.apply, params=_params(), tx=TRANSFORMS[name]()
+  )
 
   @jax.jit
   def step(state, x, y):
@@ -219,7 +226,7 @@ def test_linen_train_state_loop_gives_the_functional_numbers(name, reference):
 @pytest.mark.parametrize("name", NAMES)
 def test_multi_steps_of_equal_micro_batches_equal_one_step(name):
   """`optax.MultiSteps(tx, 2)` fed the same gradient twice applies it once, as tx would:
-    the mean of two equal float32 values is exact."""
+  the mean of two equal float32 values is exact."""
   tx = TRANSFORMS[name]()
   multi = optax.MultiSteps(tx, every_k_schedule=2)
   params, mparams = _params(), _params()
@@ -330,9 +337,7 @@ def test_orbax_save_and_restore_mid_run_continues_bit_identically(name, tmp_path
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
     ckpt.wait_until_finished()
-    abstract = jax.tree.map(
-      ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state}
-    )
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "opt_state": state})
     restored = ckpt.restore(tmp_path / "ckpt", abstract)
   assert jax.tree.structure(restored["opt_state"]) == jax.tree.structure(state)
   a, sa = params, state

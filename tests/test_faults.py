@@ -9,6 +9,13 @@
 * Bad configurations: an error naming the field, raised before anything is compiled.
 * Data with malformed lines, non-UTF-8 bytes, or an empty split: counted, or a clear error.
 * NaN/Inf in the loss: the run stops naming the step; the last good checkpoint restores.
+* SIGTERM / SIGINT (preemption, Ctrl-C): the step finishes, a checkpoint is saved (further
+  signals during the save change nothing), the process exits with code 75 and says how to
+  resume; the resumed run ends bit-identical to one never interrupted.
+* A second trainer on a busy workdir: an error naming the PID and host holding it; the lock of
+  a `kill -9`ed trainer never blocks a restart.
+* Damaged inputs (truncated or corrupted gzip, JSON-lines, safetensors, tokenizer): one error
+  naming the file and the problem; no half-made dataset is left behind.
 """
 
 import errno
@@ -19,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +38,7 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import tiny_config
 
-from train import c4_builder, checkpoint, data, trainer
+from train import c4_builder, checkpoint, checkpoint_io, data, dirlock, preemption, trainer
 
 # orbax leaves coroutines of a failed restore unawaited; they only warn when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -430,9 +438,9 @@ def test_split_with_only_bad_records_is_a_clear_error(data_dir, tmp_path, split)
   pattern = rf"C4 split '{split}' would have no documents in {out}: .*malformed=3, empty=1"
   with pytest.raises(ValueError, match=pattern):
     c4_builder.prepare(out, train_patterns=[train], validation_patterns=[validation])
-  assert not c4_builder.is_prepared(out)
+  assert not out.exists()  # nothing half-made: the folder prepare created is gone too
   config = tiny_config(str(out))
-  with pytest.raises(ValueError, match=r"^config\.data\.data_dir=.* has no prepared C4"):
+  with pytest.raises(ValueError, match=r"^config\.data\.data_dir=.* does not exist; prepare C4"):
     trainer.train_and_evaluate(config, tmp_path / "run")
 
 
@@ -489,3 +497,384 @@ def test_non_finite_parameters_are_never_checkpointed(data_dir, tmp_path):
     trainer.train_and_evaluate(config, tmp_path)
   assert math.isfinite(_losses(tmp_path)[1])
   assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() is None
+
+
+# ------------------------------------------------------------------------------------------
+# 7. SIGTERM / SIGINT: finish the step, save, exit 75, resume bit-identical.
+
+SIGNAL_RUN = dict(num_steps=8, checkpoint_every=100, eval_every=4)  # only the signal saves
+
+MAIN_CHILD = """
+import runpy, sys, time
+from pathlib import Path
+sys.path[:0] = [{repo!r}]
+import orbax.checkpoint as ocp
+from train import trainer
+
+# Timing hooks only; the run itself is `python -m train.main` unchanged. When step {pause_at}'s
+# metrics are logged (while step {pause_at} + 1 runs), announce it and pause, so that the test's
+# signal arrives inside the training loop.
+log_step = trainer._StepLog.__call__
+
+
+def log_then_pause(self, step_done, out):
+  values = log_step(self, step_done, out)
+  if step_done == {pause_at}:
+    Path({marker!r}).write_text("in the loop")
+    time.sleep({pause_s})
+  return values
+
+
+trainer._StepLog.__call__ = log_then_pause
+Atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
+finalize = Atomic.finalize
+
+
+async def announce_then_finalize(self):
+  # The save's arrays are written; pause before they are renamed into place, so that the
+  # test's next signals arrive during the save.
+  if {save_marker!r} and Path(str(self.get())).name.startswith("state"):
+    Path({save_marker!r}).write_text("saving")
+    time.sleep(2)
+  return await finalize(self)
+
+
+Atomic.finalize = announce_then_finalize
+sys.argv = ["train/main.py", *{argv!r}]
+runpy.run_module("train.main", run_name="__main__")
+"""
+
+CONFIG_FILE = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from test_train import tiny_config
+
+
+def get_config():
+  return tiny_config({data_dir!r}, **{run!r})
+"""
+
+
+def _start_main(tmp_path, data_dir, workdir, *, pause_at, pause_s, save_marker="", run=None):
+  """`python -m train.main` on a tiny config file, paused at `pause_at` (see MAIN_CHILD)."""
+  config_file = tmp_path / "tiny_config.py"
+  config_file.write_text(
+    CONFIG_FILE.format(
+      repo=str(REPO), tests=str(REPO / "tests"), data_dir=data_dir, run=run or SIGNAL_RUN
+    )
+  )
+  argv = [f"--config={config_file}", f"--workdir={workdir}"]
+  marker = tmp_path / "in_loop"
+  script = tmp_path / "main_child.py"
+  script.write_text(
+    MAIN_CHILD.format(
+      repo=str(REPO),
+      pause_at=pause_at,
+      pause_s=pause_s,
+      marker=str(marker),
+      save_marker=str(save_marker),
+      argv=argv,
+    )
+  )
+  log = tmp_path / "child.log"
+  with open(log, "w") as out:
+    child = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=out, stderr=out)
+  _wait_for(marker, child, log)
+  return child, log, argv
+
+
+def _wait_for(marker, child, log, seconds=300):
+  deadline = time.time() + seconds
+  while not marker.exists():
+    if child.poll() is not None:
+      pytest.fail(f"the child exited ({child.returncode}) before {marker.name}:\n{log.read_text()}")
+    if time.time() > deadline:
+      child.kill()
+      pytest.fail(f"no {marker.name} after {seconds} s:\n{log.read_text()}")
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory):
+  """SIGNAL_RUN trained without interruption."""
+  workdir = tmp_path_factory.mktemp("straight")
+  trainer.train_and_evaluate(tiny_config(data_dir, **SIGNAL_RUN), workdir)
+  return workdir
+
+
+SIGNAL_CASES = {  # name: (first signal, signals sent during the save, step logged at the pause)
+  # Paused while step 4 runs: step 4 is saved, then its scheduled eval runs.
+  "sigterm": (signal.SIGTERM, (), 3),
+  # Paused while step 3 runs; SIGTERM and SIGINT again while step 3 is being saved.
+  "sigint_then_more_during_the_save": (signal.SIGINT, (signal.SIGTERM, signal.SIGINT), 2),
+}
+
+
+@pytest.mark.parametrize("name", SIGNAL_CASES)
+def test_signal_saves_the_step_exits_75_and_resumes_bit_identical(
+  data_dir, tmp_path, straight, capsys, name
+):
+  first, during_save, pause_at = SIGNAL_CASES[name]
+  stop_step = pause_at + 1
+  workdir, save_marker = tmp_path / "run", tmp_path / "saving"
+  child, log, argv = _start_main(
+    tmp_path,
+    data_dir,
+    workdir,
+    pause_at=pause_at,
+    pause_s=2,
+    save_marker=save_marker if during_save else "",
+  )
+  child.send_signal(first)
+  if during_save:
+    _wait_for(save_marker, child, log)
+    for sig in during_save:
+      child.send_signal(sig)
+      time.sleep(0.2)
+  assert child.wait(timeout=300) == preemption.EXIT_CODE, log.read_text()
+  text = log.read_text()
+  name_of = lambda sig: signal.Signals(sig).name  # noqa: E731
+  ckpts = workdir / "checkpoints"
+  assert f"Stopped by {name_of(first)} after step {stop_step}; its checkpoint is saved in" in text
+  resume = f"To resume, run the same command: python -m train.main {' '.join(argv)}"
+  assert resume in text.splitlines(), text
+  for sig in during_save:
+    assert f"Received {name_of(sig)} again: stopping as soon as the checkpoint is on disk" in text
+  assert _steps(ckpts) == [str(stop_step)]  # complete (renamed into place), nothing else
+  assert "Traceback" not in text
+  records = trainer.load_metrics(workdir)  # flushed before the exit
+  assert max(r["step"] for r in records if "loss" in r) == stop_step
+  assert any("checkpoint_seconds" in r for r in records)
+
+  config = tiny_config(data_dir, **SIGNAL_RUN)
+  trainer.train_and_evaluate(config, workdir)  # the same command, run again
+  assert f"Resumed from step {stop_step} in {ckpts}" in capsys.readouterr().out
+  _assert_same_state(_final(config, workdir), _final(config, straight))
+  assert _losses(workdir) == _losses(straight)
+  assert _losses(workdir, "eval_loss") == _losses(straight, "eval_loss")
+
+
+def test_signal_handlers_are_restored_after_a_run(data_dir, tmp_path, monkeypatch):
+  """In-process (a library user's view): the previous handlers come back, preempted or not."""
+  config = tiny_config(data_dir, num_steps=4, checkpoint_every=100, eval_every=100)
+  before = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+  trainer.train_and_evaluate(config, tmp_path / "done")
+  assert {sig: signal.getsignal(sig) for sig in preemption.SIGNALS} == before
+
+  log_step = trainer._StepLog.__call__
+
+  def log_then_interrupt(self, step_done, out):
+    if step_done == 1:
+      signal.raise_signal(signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt inside the loop
+    return log_step(self, step_done, out)
+
+  monkeypatch.setattr(trainer._StepLog, "__call__", log_then_interrupt)
+  with pytest.raises(preemption.Preempted, match="Stopped by SIGINT after step 2") as e:
+    trainer.train_and_evaluate(config, tmp_path / "stopped")
+  assert e.value.step == 2
+  assert {sig: signal.getsignal(sig) for sig in preemption.SIGNALS} == before
+  assert _steps(tmp_path / "stopped" / "checkpoints") == ["2"]
+  assert not dirlock.is_locked(tmp_path / "stopped")  # released on the way out
+
+
+# ------------------------------------------------------------------------------------------
+# 8. The workdir lock.
+
+
+def test_second_trainer_stops_at_once_and_a_killed_holder_never_blocks(
+  data_dir, tmp_path, monkeypatch, capsys
+):
+  workdir = tmp_path / "run"
+  run = dict(num_steps=8, checkpoint_every=2, eval_every=100)
+  child, log, argv = _start_main(tmp_path, data_dir, workdir, pause_at=3, pause_s=600, run=run)
+  try:
+    _wait_for(workdir / "checkpoints" / "2", child, log)  # its save is complete on disk
+    listing = sorted(str(p) for p in workdir.rglob("*"))
+    holder = rf"PID {child.pid} on host {re.escape(socket.gethostname())} \(started "
+    config = tiny_config(data_dir, **run)
+    with monkeypatch.context() as patch:
+      patch.setattr(jax.stages.Lowered, "compile", _never)
+      with pytest.raises(dirlock.DirectoryInUse, match=rf"workdir {workdir} is in use: {holder}"):
+        trainer.train_and_evaluate(config, workdir)
+    assert sorted(str(p) for p in workdir.rglob("*")) == listing  # nothing written or removed
+    # The command line: one line on stderr, exit code 1, no traceback.
+    second = subprocess.run(
+      [sys.executable, "-m", "train.main", *argv], cwd=REPO, capture_output=True, text=True
+    )
+    assert second.returncode == 1
+    assert re.fullmatch(rf"train\.main: error: workdir .* is in use: {holder}.*\n", second.stderr)
+  finally:
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+  # The lock file still names the dead trainer, but its flock died with it: a restart runs.
+  assert f'"pid": {child.pid}' in (workdir / dirlock.LOCK_FILE).read_text()
+  trainer.train_and_evaluate(config, workdir)
+  assert f"Resumed from step 2 in {workdir / 'checkpoints'}" in capsys.readouterr().out
+  assert f'"pid": {os.getpid()}' in (workdir / dirlock.LOCK_FILE).read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# 9. Damaged inputs outside the checkpoint folder.
+
+
+def _gz_sample():
+  return (REPO / "data" / "c4-sample.00000-of-00001.json.gz").read_bytes()
+
+
+def _flip_middle(raw):
+  middle = len(raw) // 2
+  return raw[:middle] + bytes(b ^ 0xFF for b in raw[middle : middle + 64]) + raw[middle + 64 :]
+
+
+DAMAGED_INPUTS = {  # name: (file name, its bytes, what the error says)
+  "truncated_gzip": ("c4.json.gz", lambda: _gz_sample()[:200_000], r"gzip stream is truncated"),
+  "corrupted_gzip": ("c4.json.gz", lambda: _flip_middle(_gz_sample()), r"stream is corrupted"),
+  "truncated_jsonl": (
+    "c4.jsonl",
+    lambda: b"".join(_doc(i) + b"\n" for i in range(8)) + _doc(8)[:40],
+    r":9: the file ends inside a record .* truncated",
+  ),
+  "zeroed_block_jsonl": (
+    "c4.jsonl",
+    lambda: b"".join(_doc(i) + b"\n" for i in range(4)) + bytes(4096) + b"\n" + _doc(5) + b"\n",
+    r":5: NUL bytes; the file is corrupted",
+  ),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_INPUTS)
+def test_damaged_data_file_is_one_error_and_leaves_nothing(data_dir, tmp_path, name):
+  file_name, content, problem = DAMAGED_INPUTS[name]
+  damaged = tmp_path / file_name
+  damaged.write_bytes(content())
+  validation = _jsonl(tmp_path / "val.jsonl", [_doc(i) for i in range(4)])
+  out = tmp_path / "tfds"
+  with pytest.raises(c4_builder.DamagedFileError, match=rf"^{damaged}.*{problem}.* again"):
+    c4_builder.prepare(out, train_patterns=[str(damaged)], validation_patterns=[validation])
+  assert not out.exists()  # not even an empty c4/en folder
+  # --overwrite over a prepared dataset: the old one stays until a new one is complete.
+  shutil.copytree(data_dir, out)
+  with pytest.raises(c4_builder.DamagedFileError):
+    c4_builder.prepare(
+      out, train_patterns=[str(damaged)], validation_patterns=[validation], overwrite=True
+    )
+  assert sorted(os.listdir(out)) == sorted(os.listdir(data_dir))
+  assert data.num_documents(out, "train") == 2000
+
+
+def test_prepare_data_command_prints_one_line_for_a_damaged_file(tmp_path):
+  damaged = tmp_path / "c4-train.json.gz"
+  damaged.write_bytes(_gz_sample()[:200_000])
+  validation = _jsonl(tmp_path / "val.jsonl", [_doc(i) for i in range(4)])
+  out = tmp_path / "tfds"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "train.prepare_data",
+      f"--output_dir={out}",
+      f"--train={damaged}",
+      f"--validation={validation}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]  # (tqdm's bar comes before it)
+  assert last.startswith(f"prepare_data: error: {damaged}: the gzip stream is truncated")
+  assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_a_killed_prepare_leaves_a_build_the_next_one_removes(tmp_path, capsys):
+  out = tmp_path / "tfds"
+  abandoned = out / ".c4-building-killed"
+  (abandoned / "c4" / "en").mkdir(parents=True)
+  (abandoned / dirlock.LOCK_FILE).write_text('{"pid": 1}')  # its flock died with it
+  files = [_jsonl(tmp_path / f"{s}.jsonl", [_doc(i) for i in range(6)]) for s in ("t", "v")]
+  c4_builder.prepare(out, train_patterns=[files[0]], validation_patterns=[files[1]])
+  assert f"Removing {abandoned}, an unfinished dataset" in capsys.readouterr().out
+  assert sorted(os.listdir(out)) == ["c4"] and c4_builder.is_prepared(out)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  """A tiny Hugging Face checkpoint (config.json, model.safetensors, tokenizer.model)."""
+  from flax import nnx  # noqa: PLC0415
+
+  from train.model import Llama, llama_config  # noqa: PLC0415
+
+  config = llama_config("9m", hidden_dim=32, mlp_dim=64, num_heads=2, num_layers=2)
+  path = tmp_path_factory.mktemp("hf") / "ckpt"
+  return checkpoint_io.save_hf_pretrained(
+    config, Llama(config, rngs=nnx.Rngs(0)), path, tokenizer_path=data.BUNDLED_VOCAB
+  )
+
+
+def _damage(path, how):
+  raw = path.read_bytes()
+  damaged = {
+    "truncated": raw[: len(raw) // 2],
+    "cut_by_one_byte": raw[:-1],
+    "corrupted_header": raw[:8] + b"#" * 32 + raw[40:],
+    "empty": b"",
+  }[how]
+  path.write_bytes(damaged)
+
+
+@pytest.mark.parametrize("how", ["truncated", "cut_by_one_byte", "corrupted_header", "empty"])
+def test_damaged_init_from_weights_are_one_error_naming_the_file(
+  data_dir, hf_dir, tmp_path, monkeypatch, how
+):
+  ckpt = shutil.copytree(hf_dir, tmp_path / "ckpt")
+  _damage(ckpt / "model.safetensors", how)
+  config = tiny_config(data_dir)
+  config.init_from = str(ckpt)
+  config.model.update(hidden_dim=0, mlp_dim=0, num_heads=0, num_layers=0)  # from config.json
+  monkeypatch.setattr(jax.stages.Lowered, "compile", _never)
+  pattern = (
+    rf"^config\.init_from='{ckpt}' cannot be loaded: {ckpt / 'model.safetensors'} cannot be "
+    r"read \(.*\): the file is truncated or corrupted .*get it again\.$"
+  )
+  with pytest.raises(ValueError, match=pattern):
+    trainer.train_and_evaluate(config, tmp_path / "run")
+
+
+TOKENIZER_DAMAGE = ["truncated", "corrupted", "empty"]
+
+
+def _damage_tokenizer(path, how):
+  raw = path.read_bytes()
+  path.write_bytes(
+    {"truncated": raw[: len(raw) // 2], "corrupted": _flip_middle(raw), "empty": b""}[how]
+  )
+
+
+@pytest.mark.parametrize("source", ["vocab_path", "init_from"])
+@pytest.mark.parametrize("how", TOKENIZER_DAMAGE)
+def test_damaged_tokenizer_is_one_error_naming_the_file(
+  data_dir, hf_dir, tmp_path, monkeypatch, source, how
+):
+  config = tiny_config(data_dir)
+  if source == "vocab_path":
+    tokenizer = shutil.copy(data.BUNDLED_VOCAB, tmp_path / "spiece.model")
+    config.data.vocab_path = str(tokenizer)
+    field = rf"config\.data\.vocab_path='{tokenizer}' is not a usable SentencePiece model: "
+    fix = "Point it at a valid .model file."
+  else:
+    ckpt = shutil.copytree(hf_dir, tmp_path / "ckpt")
+    tokenizer = ckpt / checkpoint_io.TOKENIZER_FILE
+    config.init_from = str(ckpt)
+    config.model.update(hidden_dim=0, mlp_dim=0, num_heads=0, num_layers=0)
+    field = rf"config\.init_from='{ckpt}' has a tokenizer that does not load: "
+    fix = "Copy it from the model's source again, or set config.data.vocab_path."
+  _damage_tokenizer(Path(tokenizer), how)
+  monkeypatch.setattr(jax.stages.Lowered, "compile", _never)
+  monkeypatch.setattr(trainer, "init_state", _never)
+  pattern = (
+    rf"^{field}{tokenizer} cannot be read as a SentencePiece model \(.*\): it is truncated, "
+    rf"corrupted or another format\. {re.escape(fix)}$"
+  )
+  with pytest.raises(ValueError, match=pattern):
+    trainer.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

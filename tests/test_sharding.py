@@ -8,9 +8,12 @@ the refresh's collectives; a checkpoint moved between meshes) and, at the same t
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -332,3 +335,33 @@ def test_two_processes_train_like_one(runs):
   reference = runs["equality"]["galore_adamw"]["1x1"]["losses"]
   np.testing.assert_allclose(losses, reference, rtol=RTOL)
   assert (Path(info["workdir"]) / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(data_dir, tmp_path):
+  """2 processes x 4 devices; SIGTERM reaches process 1 only (as when one host of a job is
+  preempted): JAX's preemption sync service makes both save the same step and exit 75."""
+  workdir, port = tmp_path / "run", _free_port()
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  hosts = [
+    subprocess.Popen(
+      [sys.executable, str(WORKER), "preempt", data_dir, str(workdir)],
+      env={**env, "JAX_PROCESS_ID": str(i)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  paused, deadline = Path(f"{workdir}.paused"), time.time() + 600
+  while not paused.exists() and time.time() < deadline and hosts[1].poll() is None:
+    time.sleep(0.05)
+  hosts[1].send_signal(signal.SIGTERM)
+  logs = [p.communicate(timeout=600)[0] for p in hosts]
+  assert [p.returncode for p in hosts] == [75, 75], "\n\n".join(log[-3000:] for log in logs)
+  stops = [re.search(r"process \d: Stopped by SIGTERM after step (\d+);", log) for log in logs]
+  assert all(stops), "\n\n".join(logs)
+  step = stops[0][1]
+  assert stops[1][1] == step and 3 <= int(step) < 40
+  assert os.listdir(workdir / "checkpoints") == [step]

@@ -31,11 +31,15 @@ import os
 import re
 import shutil
 import tempfile
+import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 import tqdm
+
+from train import dirlock
 
 NAME, CONFIG, VERSION = "c4", "en", "3.1.0"
 SPLITS = ("train", "validation")
@@ -59,6 +63,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 class BadRecordError(ValueError):
   """A malformed, empty or non-UTF-8 record met in strict mode."""
+
+
+class DamagedFileError(ValueError):
+  """An input file that is truncated or corrupted: not one bad record but the file itself."""
 
 
 @dataclasses.dataclass
@@ -151,16 +159,27 @@ def read_c4_json(
     `(line_number, {"text", "url", "timestamp"})`, line numbers starting at 1. A missing `url`
     or `timestamp` becomes "", `date` is read as `timestamp`, and `YYYY-MM-DD hh:mm:ss`
     timestamps are written as C4 writes them, `YYYY-MM-DDThh:mm:ssZ`.
+
+  Raises:
+    DamagedFileError: the file is truncated (gzip that ends early, a last line cut inside a
+      record) or corrupted (a failed gzip checksum or stream, NUL bytes), naming it.
   """
   stats = FileStats() if stats is None else stats
   with open(path, "rb") as raw:
-    lines = gzip.GzipFile(fileobj=raw) if str(path).endswith(".gz") else raw
+    is_gzip = raw.read(2) == b"\x1f\x8b"  # by content: a misnamed file still reads
+    raw.seek(0)
+    lines = _checked_lines(gzip.GzipFile(fileobj=raw) if is_gzip else raw, path)
     position = 0
     for line_number, line in enumerate(lines, start=1):
       if progress is not None:
         progress.update(raw.tell() - position)
         position = raw.tell()
       where = f"{path}:{line_number}"
+      if b"\0" in line:  # never in text (JSON escapes it): zeroed blocks or a binary file
+        raise DamagedFileError(
+          f"{where}: NUL bytes; the file is corrupted (a crash or a failed copy leaves zeroed "
+          "blocks) or is not JSON-lines text. Copy or download it again."
+        )
       try:
         decoded = line.decode("utf-8")
       except UnicodeDecodeError as e:
@@ -169,6 +188,11 @@ def read_c4_json(
         stats.non_utf8 += 1
         decoded = line.decode("utf-8", errors="replace")
       record = _parse_record(decoded, where, strict=strict)
+      if record is None and not line.endswith(b"\n"):  # only the last line can lack one
+        raise DamagedFileError(
+          f"{where}: the file ends inside a record (its last line is cut off): it is "
+          "truncated, as an interrupted download or copy leaves it. Copy or download it again."
+        )
       if record is None:
         stats.malformed += 1
         continue
@@ -184,6 +208,24 @@ def read_c4_json(
         continue
       stats.documents += 1
       yield line_number, record
+
+
+def _checked_lines(lines, path: str | os.PathLike) -> Iterator[bytes]:
+  """`lines`, with gzip's errors for a truncated or corrupted stream as `DamagedFileError`."""
+  line_number = 0
+  try:
+    for line_number, line in enumerate(lines, start=1):  # noqa: B007 (read in `except`)
+      yield line
+  except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    problem = (
+      "truncated, as an interrupted download or copy leaves it"
+      if isinstance(e, EOFError)
+      else "corrupted (bad bytes from a failing disk, copy or transfer)"
+    )
+    raise DamagedFileError(
+      f"{path}: the gzip stream is {problem}; read up to line {line_number} "
+      f"({type(e).__name__}: {e}). Copy or download it again (`gzip -t` checks it)."
+    ) from e
 
 
 def _parse_record(line: str, where: str, *, strict: bool) -> dict[str, str] | None:
@@ -342,12 +384,38 @@ def prepare(
     raise ValueError("No validation inputs: give validation files or a validation fraction > 0")
   if both := sorted(set(train_files) & set(validation_files)):
     raise ValueError(f"Files given as both train and validation: {[str(p) for p in both]}")
-  if is_prepared(data_dir):
-    if not overwrite:
-      return None
-    shutil.rmtree(dataset_dir(data_dir))
+  if is_prepared(data_dir) and not overwrite:
+    return None
+  # Built in a folder of its own and moved into place when complete: a failed or killed run
+  # leaves nothing where the dataset goes, and --overwrite keeps the old one until then.
+  data_dir = Path(data_dir)
+  created = not data_dir.exists()
+  data_dir.mkdir(parents=True, exist_ok=True)
+  _remove_abandoned_builds(data_dir)
+  building = Path(tempfile.mkdtemp(prefix=_BUILDING_PREFIX, dir=data_dir))
+  try:
+    with dirlock.DirLock(building, "dataset build"):
+      builder = _build(
+        building, data_dir, train_files, validation_files, validation_fraction, strict
+      )
+      _move_into_place(building, data_dir, overwrite)
+  finally:
+    shutil.rmtree(building, ignore_errors=True)
+    if created and not any(data_dir.iterdir()):
+      data_dir.rmdir()
+  documents = {split: builder.info.splits[split].num_examples for split in SPLITS}
+  return PrepareSummary(data_dir, documents, builder.file_stats)
+
+
+_BUILDING_PREFIX = ".c4-building-"  # a dataset being written (locked by its writer)
+
+
+def _build(
+  building: Path, data_dir: Path, train_files, validation_files, validation_fraction, strict
+):
+  """Writes the dataset into `building` with tfds (errors name `data_dir`); returns the builder."""
   builder = C4(
-    data_dir=os.fspath(data_dir),
+    data_dir=os.fspath(building),
     config=CONFIG,
     file_format="array_record",
     train_files=train_files,
@@ -364,5 +432,30 @@ def prepare(
       if not empty:
         raise
       raise builder.empty_split_error(empty[0], data_dir) from e
-  documents = {split: builder.info.splits[split].num_examples for split in SPLITS}
-  return PrepareSummary(Path(data_dir), documents, builder.file_stats)
+  return builder
+
+
+def _move_into_place(building: Path, data_dir: Path, overwrite: bool) -> None:
+  """Moves the dataset built under `building` to `data_dir` (replacing a prepared one only
+  with `overwrite`: without it, one there now was finished by a concurrent `prepare`, maybe
+  already read by a trainer, and ours is dropped)."""
+  target = dataset_dir(data_dir)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  for extra in (building / NAME / ".config",):  # tfds' builder metadata, beside the configs
+    if extra.is_dir() and not (data_dir / NAME / extra.name).exists():
+      extra.rename(data_dir / NAME / extra.name)
+  if target.exists():
+    if is_prepared(data_dir) and not overwrite:
+      return
+    target.rename(building / "replaced")  # the old one goes only now, with the build folder
+  dataset_dir(building).rename(target)
+
+
+def _remove_abandoned_builds(data_dir: Path) -> None:
+  """Removes builds left by a killed `prepare` (their lock died with it); live ones stay."""
+  for path in sorted(data_dir.glob(_BUILDING_PREFIX + "*")):
+    # One without a lock file yet may have been created this instant: spare it for a minute.
+    unlocked = (path / dirlock.LOCK_FILE).is_file() or time.time() - path.stat().st_mtime > 60
+    if path.is_dir() and unlocked and not dirlock.is_locked(path):
+      print(f"Removing {path}, an unfinished dataset of an interrupted prepare_data.")
+      shutil.rmtree(path, ignore_errors=True)

@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from train.model import (
@@ -83,7 +83,10 @@ def read_hf_config(path: str | os.PathLike, **fields: Any) -> LlamaConfig:
 def _weight_map(path: Path) -> dict[str, Path]:
   """Tensor name -> safetensors file that holds it."""
   if (path / INDEX_FILE).is_file():
-    index = json.loads((path / INDEX_FILE).read_text())
+    try:
+      index = json.loads((path / INDEX_FILE).read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path / INDEX_FILE} is not valid JSON ({e}): {_DAMAGED}") from e
     if "weight_map" not in index:
       raise ValueError(f"{path / INDEX_FILE} has no 'weight_map'")
     files = {name: path / file for name, file in index["weight_map"].items()}
@@ -92,11 +95,23 @@ def _weight_map(path: Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path / INDEX_FILE} lists {file.name}, which is missing")
     return files
   if (path / WEIGHTS_FILE).is_file():
-    with safe_open(path / WEIGHTS_FILE, "np") as f:
+    with _open_weights(path / WEIGHTS_FILE) as f:
       return {name: path / WEIGHTS_FILE for name in f.keys()}  # noqa: SIM118 (not a dict)
   other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
   hint = f" (found {other}: torch pickles are not read; re-save with safetensors)" if other else ""
   raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
+
+
+_DAMAGED = "the file is truncated or corrupted (an interrupted download or copy?); get it again."
+
+
+def _open_weights(file: Path):
+  """`safe_open(file)`; a file whose header does not parse or whose size does not match it
+  (truncated, corrupted) is a `ValueError` naming it. (Tensor bytes carry no checksum.)"""
+  try:
+    return safe_open(file, "np")
+  except SafetensorError as e:
+    raise ValueError(f"{file} cannot be read ({e}): {_DAMAGED}") from e
 
 
 def _np_dtype(dtype: DTypeLike) -> np.dtype:
@@ -144,7 +159,7 @@ def load_hf_pretrained(
   filled: dict[tuple, int] = {}
   params: dict = {}
   with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(safe_open(f, "np")) for f in sorted(set(files.values()))}
+    handles = {f: stack.enter_context(_open_weights(f)) for f in sorted(set(files.values()))}
     for param_path, key, transpose in pairs:
       if key not in files:
         raise ValueError(f"{path}: missing tensor {key!r} (for {'/'.join(map(str, param_path))})")

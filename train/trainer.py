@@ -27,11 +27,13 @@ from train import (
   checkpoint,
   checkpoint_io,
   data,
+  dirlock,
   instruct,
   losses,
   lowrank,
   metrics,
   optim,
+  preemption,
   sharding,
 )
 from train import tokenizer as tokenizer_lib
@@ -258,9 +260,7 @@ def validate_data_config(config: ml_collections.ConfigDict, setup: Setup) -> Non
   try:
     vocab_size = data.Tokenizer(setup.vocab_path).vocab_size
   except Exception as e:  # noqa: BLE001 (sentencepiece raises RuntimeError/OSError)
-    raise _field_error(
-      "data.vocab_path", d.vocab_path, f"is not a usable SentencePiece model: {e}"
-    ) from e
+    raise _tokenizer_error(config, setup.vocab_path, e) from e
   if vocab_size > setup.model_config.vocab_size:
     model = (
       f"config.init_from={config.init_from!r}"
@@ -316,6 +316,33 @@ def load_instruct_data(config: ml_collections.ConfigDict, setup: Setup, field: s
     tokenizer_lib.load_tokenizer(setup.vocab_path),
     seq_len=d.seq_len,
     strict=d.get("strict", False),
+  )
+
+
+def _tokenizer_error(config: ml_collections.ConfigDict, path: Path, e: Exception) -> ValueError:
+  """The error for a tokenizer file that does not load, naming the field it came from."""
+  why = (
+    f"{e}."  # a SentencePiece model that the pipeline cannot use (`data.Tokenizer` says why)
+    if isinstance(e, ValueError)
+    else f"{path} cannot be read as a SentencePiece model ({e}): it is truncated, corrupted or "
+    "another format."
+  )
+  if config.data.vocab_path:
+    return _field_error(
+      "data.vocab_path",
+      config.data.vocab_path,
+      f"is not a usable SentencePiece model: {why} Point it at a valid .model file.",
+    )
+  if config.get("init_from"):
+    return _field_error(
+      "init_from",
+      config.init_from,
+      f"has a tokenizer that does not load: {why} "
+      "Copy it from the model's source again, or set config.data.vocab_path.",
+    )
+  return ValueError(
+    f"The bundled vocabulary does not load: {why} Restore it with "
+    f"`git checkout -- {path.relative_to(c4_builder.BUNDLED_RAW_DIR.parent)}`."
   )
 
 
@@ -405,13 +432,16 @@ def load_init_params(config: ml_collections.ConfigDict, setup: Setup) -> Any:
   if not config.get("init_from"):
     return None
   m = config.model
-  loaded_config, model = checkpoint_io.load_hf_pretrained(
-    config.init_from,
-    dtype=m.dtype,
-    param_dtype=m.param_dtype,
-    scan_layers=m.scan_layers,
-    remat_policy=m.remat_policy,
-  )
+  try:
+    loaded_config, model = checkpoint_io.load_hf_pretrained(
+      config.init_from,
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      scan_layers=m.scan_layers,
+      remat_policy=m.remat_policy,
+    )
+  except (OSError, ValueError) as e:  # missing, truncated or corrupted weights, named
+    raise _field_error("init_from", config.init_from, f"cannot be loaded: {e}") from e
   if loaded_config != setup.model_config:  # both come from one config.json
     raise RuntimeError(f"{config.init_from} changed while the run started")
   return nnx.state(model, nnx.Param)
@@ -597,11 +627,14 @@ class Run:
   train_iter: Any  # data.make_train_iterator's checkpointable iterator
   ckpt: checkpoint.Checkpointer
   eval_data: Any = None  # instruction data: instruct.InstructData of data.eval_files
+  lock: dirlock.DirLock | None = None  # this process's hold on its logdir (`release` it)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   """Validates `config` (every config error is raised here, before anything is allocated or
-  compiled), then builds the state in its shardings and restores `workdir`'s latest checkpoint."""
+  compiled), locks `workdir` (`dirlock.DirectoryInUse` if another trainer holds it), then builds
+  the state in its shardings and restores `workdir`'s latest checkpoint. The returned run holds
+  the lock: `run.lock.release()` when done with it (`train_and_evaluate` does)."""
   workdir = Path(workdir)
   sharding.initialize_distributed(config.mesh.get("distributed", "auto"))
   setup = build(config)
@@ -614,41 +647,55 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Ru
   layout = make_layout(config, setup, mesh)
   # Checkpoints are shared; logs, metrics and plots of processes other than 0 go to a subdir.
   logdir = workdir if jax.process_index() == 0 else workdir / f"process_{jax.process_index()}"
-  logdir.mkdir(parents=True, exist_ok=True)
-  t = config.train
-  with open(logdir / "config.json", "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  state = init_state(setup, t.seed, layout, load_init_params(config, setup))
-  eval_data = None
-  if _is_instruct(config):
-    train_data = load_instruct_data(config, setup, "train_files")
-    eval_data = load_instruct_data(config, setup, "eval_files")
-    print(f"Instruction data, train: {train_data.stats}\nInstruction data, eval: {eval_data.stats}")
-    if len(eval_data) == 0:
-      raise _field_error("data.eval_files", config.data.eval_files, "has no usable examples.")
-    train_iter = instruct.make_train_iterator(
-      train_data, batch_size=t.batch_size, seed=config.data.seed
+  # Before anything in the workdir is written or cleaned up (unfinished checkpoints): a second
+  # trainer stops here, and the lock dies with its process however it ends.
+  lock = dirlock.DirLock(logdir, "workdir", _LOCK_ADVICE).acquire()
+  try:
+    t = config.train
+    with open(logdir / "config.json", "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    state = init_state(setup, t.seed, layout, load_init_params(config, setup))
+    eval_data = None
+    if _is_instruct(config):
+      train_data = load_instruct_data(config, setup, "train_files")
+      eval_data = load_instruct_data(config, setup, "eval_files")
+      print(
+        f"Instruction data, train: {train_data.stats}\nInstruction data, eval: {eval_data.stats}"
+      )
+      if len(eval_data) == 0:
+        raise _field_error("data.eval_files", config.data.eval_files, "has no usable examples.")
+      train_iter = instruct.make_train_iterator(
+        train_data, batch_size=t.batch_size, seed=config.data.seed
+      )
+    else:
+      train_iter = data.make_train_iterator(
+        setup.data_dir,
+        split=config.data.train_split,
+        seq_len=config.data.seq_len,
+        batch_size=t.batch_size,
+        mode=config.data.mode,
+        seed=config.data.seed,
+        vocab_path=setup.vocab_path,
+        worker_count=config.data.worker_count,
+      )
+    ckpt = checkpoint.Checkpointer(
+      workdir / "checkpoints", keep=t.keep_checkpoints, clean_unfinished=True
     )
-  else:
-    train_iter = data.make_train_iterator(
-      setup.data_dir,
-      split=config.data.train_split,
-      seq_len=config.data.seq_len,
-      batch_size=t.batch_size,
-      mode=config.data.mode,
-      seed=config.data.seed,
-      vocab_path=setup.vocab_path,
-      worker_count=config.data.worker_count,
-    )
-  ckpt = checkpoint.Checkpointer(
-    workdir / "checkpoints", keep=t.keep_checkpoints, clean_unfinished=True
-  )
-  restored = ckpt.restore_latest(state, set_aside=True)
-  if restored is not None:
-    state, iter_state = restored
-    train_iter.set_state(iter_state)
-    print(f"Resumed from step {int(state.step)} in {ckpt.directory}")
-  return Run(config, setup, mesh, layout, logdir, state, train_iter, ckpt, eval_data)
+    restored = ckpt.restore_latest(state, set_aside=True)
+    if restored is not None:
+      state, iter_state = restored
+      train_iter.set_state(iter_state)
+      print(f"Resumed from step {int(state.step)} in {ckpt.directory}")
+    return Run(config, setup, mesh, layout, logdir, state, train_iter, ckpt, eval_data, lock)
+  except BaseException:
+    lock.release()
+    raise
+
+
+_LOCK_ADVICE = (
+  "Two trainers on one workdir would interleave their checkpoints. Wait for it to finish, "
+  "stop it (SIGTERM or Ctrl-C saves a checkpoint first), or give this run another --workdir."
+)
 
 
 def compile_train_step(run: Run) -> jax.stages.Compiled:
@@ -784,9 +831,12 @@ class _StepLog:
     return values
 
 
-def _save(run: Run, done: int) -> None:
+def _save(run: Run, done: int, writer: metrics.MetricWriter) -> None:
   """Checkpoints the state after step `done`, unless it is not finite (then stops, keeping the
-  last good checkpoint). The loss checked so far is that of the parameters *before* the update."""
+  last good checkpoint). The loss checked so far is that of the parameters *before* the update.
+  Logs how long the loop stalled for it (`checkpoint_seconds`: the finiteness check, waiting
+  for the previous save, copying to host memory; the write itself runs in the background)."""
+  start = time.perf_counter()
   state, ckpt = run.state, run.ckpt
   if not bool(_all_finite((state.params, state.opt_state))):
     ckpt.wait()
@@ -796,71 +846,104 @@ def _save(run: Run, done: int) -> None:
       f"{ckpt.directory} is untouched."
     )
   ckpt.save(done, state, run.train_iter.get_state())
+  writer.write(done, {"checkpoint_seconds": time.perf_counter() - start})
+
+
+def _evaluate(run: Run, eval_step, done: int, writer: metrics.MetricWriter, progress) -> dict:
+  """Evaluates the state after step `done`; logs the result and its time (`eval_seconds`)."""
+  start = time.perf_counter()
+  result = evaluate(eval_step, run.state.params, _eval_batches(run), run.layout.put_batch)
+  writer.write(done, {**result, "eval_seconds": time.perf_counter() - start})
+  progress.write(
+    f"step {done}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_perplexity']:.2f}"
+  )
+  return result
 
 
 def train_loop(run: Run, train_step, writer: metrics.MetricWriter) -> dict[str, Any]:
   """Steps `run.state` to `train.num_steps` (or `stop_after_steps`), evaluating and saving on
   their boundaries. Returns the throughput and the last eval. A step's metrics are fetched
-  after the next step is dispatched, so the host never waits on the device between steps."""
+  after the next step is dispatched, so the host never waits on the device between steps.
+
+  On SIGTERM or SIGINT (`preemption.StopSignals`, all processes agreeing on the step) it
+  finishes the step it is on, saves it, waits until the checkpoint is on disk, runs that
+  step's scheduled eval if it has one, and raises `preemption.Preempted`.
+  """
   t = run.config.train
   log = _StepLog(run, writer, int(run.state.step))
   eval_step = make_eval_step(run.setup)
   pending, last_eval = None, {}  # pending: (step, metrics future) of the previous step
-  stop = min(t.num_steps, t.stop_after_steps or t.num_steps)
-  log.throughput.start()
-  for step in range(int(run.state.step), stop):
-    run.state, out = train_step(run.state, run.layout.put_batch(next(run.train_iter)))
+  stop, preempted = min(t.num_steps, t.stop_after_steps or t.num_steps), False
+  with preemption.StopSignals() as signals:
+    log.throughput.start()
+    for step in range(int(run.state.step), stop):
+      run.state, out = train_step(run.state, run.layout.put_batch(next(run.train_iter)))
+      if pending is not None:
+        log(*pending)
+      pending, done = (step + 1, out), step + 1
+      preempted = signals.should_stop(done) and done < stop  # at the end: just finish
+      evals = done % t.eval_every == 0 or done == t.num_steps
+      saves = done % t.checkpoint_every == 0 or done == stop or preempted
+      if evals or saves:
+        log(*pending)  # checkpoints and evals only see verified-finite states
+        pending = None
+      log.throughput.stop()  # evals and saves are not training time
+      if preempted:  # the state before the eval: the grace period before SIGKILL may be short
+        _save(run, done, writer)
+        run.ckpt.wait()
+      if evals:
+        last_eval = _evaluate(run, eval_step, done, writer, log.progress)
+      if preempted:
+        break
+      if saves:
+        _save(run, done, writer)
+      log.throughput.start()
     if pending is not None:
       log(*pending)
-    pending, done = (step + 1, out), step + 1
-    is_last = done == stop
-    if done % t.eval_every == 0 or done % t.checkpoint_every == 0 or is_last:
-      log(*pending)  # checkpoints and evals only see verified-finite states
-      pending = None
-    log.throughput.stop()  # evals and saves are not training time
-    if done % t.eval_every == 0 or done == t.num_steps:
-      last_eval = evaluate(eval_step, run.state.params, _eval_batches(run), run.layout.put_batch)
-      writer.write(done, last_eval)
-      log.progress.write(
-        f"step {done}: eval loss {last_eval['eval_loss']:.4f}, "
-        f"perplexity {last_eval['eval_perplexity']:.2f}"
-      )
-    if done % t.checkpoint_every == 0 or is_last:
-      _save(run, done)
-    log.throughput.start()
-  if pending is not None:
-    log(*pending)
-  log.throughput.stop()
-  run.ckpt.wait()
-  log.progress.close()
+    log.throughput.stop()
+    run.ckpt.wait()
+    log.progress.close()
+    if preempted:
+      raise preemption.Preempted(done, signals.received, run.ckpt.directory)
   return {**log.throughput.rates(), **last_eval}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains per `config`, resuming from `workdir` if it holds a checkpoint. Returns a summary:
-  `prepare`, `compile_train_step`, `start_summary`, `train_loop`, then the end summary."""
+  `prepare`, `compile_train_step`, `start_summary`, `train_loop`, then the end summary.
+
+  Raises:
+    dirlock.DirectoryInUse: another live process trains in `workdir`.
+    preemption.Preempted: SIGTERM or SIGINT stopped the run after saving a checkpoint.
+  """
   run = prepare(config, workdir)
-  compiled = compile_train_step(run)
-  summary = start_summary(run, compiled)
-  metrics.print_start_summary(summary)
-  writer = metrics.MetricWriter(run.logdir)
-  writer.write_summary(summary)
-  t_start = time.time()
-  rates_and_eval = train_loop(run, compiled, writer)
-  final = {
-    "steps": int(run.state.step),
-    "wall_seconds": time.time() - t_start,
-    **rates_and_eval,
-    **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
-  }
-  if config.get("export_to") and int(run.state.step) == config.train.num_steps:
-    final["exported_to"] = os.fspath(export_params(config, run.setup, run.state.params))
-    print(f"Exported the fine-tuned model to {final['exported_to']}")
-  writer.write_final(final)
-  png = metrics.plot_curves(run.logdir)
-  metrics.print_end_summary(final, png, run.logdir)
-  writer.close()
-  sys.stdout.flush()
+  try:  # the workdir lock is released however the run ends
+    compiled = compile_train_step(run)
+    summary = start_summary(run, compiled)
+    metrics.print_start_summary(summary)
+    writer = metrics.MetricWriter(run.logdir)
+    try:
+      writer.write_summary(summary)
+      t_start = time.time()
+      rates_and_eval = train_loop(run, compiled, writer)
+      final = {
+        "steps": int(run.state.step),
+        "wall_seconds": time.time() - t_start,
+        **rates_and_eval,
+        **{k: summary[k] for k in ("unigram_perplexity",) if k in summary},
+      }
+      if config.get("export_to") and int(run.state.step) == config.train.num_steps:
+        final["exported_to"] = os.fspath(export_params(config, run.setup, run.state.params))
+        print(f"Exported the fine-tuned model to {final['exported_to']}")
+      writer.write_final(final)
+      png = metrics.plot_curves(run.logdir)
+      metrics.print_end_summary(final, png, run.logdir)
+    finally:
+      writer.close()
+      sys.stdout.flush()
+  finally:
+    if run.lock is not None:
+      run.lock.release()
   return final
 
 
