@@ -301,13 +301,17 @@ def test_inject_hyperparams_errors_name_the_option():
   make = optax.inject_hyperparams(gj.galore_adamw, static_args=("rank", "update_proj_gap"))
   with pytest.raises(ValueError, match="oversample.*static_args"):
     make(1e-2, **kw).init(_params())
-  # A mask of bools left out of static_args becomes arrays: the error names `mask`.
+  # A mask of bools left out of static_args: inject_hyperparams keeps a tree as it is (only
+  # numeric scalars are injected), so it works as when listed; a traced mask (a jitted factory
+  # call) gets an error that names `mask`.
   mask = jax.tree.map(lambda x: x.ndim == 2, _params())
   static = tuple(a for a in gj.static_args(gj.galore_adamw) if a != "mask")
   tx = optax.inject_hyperparams(gj.galore_adamw, static_args=static)(1e-2, mask=mask, **kw)
   params = _params()
+  jax.jit(_functional_step(tx))(params, tx.init(params), *_batch(0))
+  traced = lambda m: gj.galore_adamw(1e-2, mask=m, **kw).init(params)
   with pytest.raises(ValueError, match="mask.*static_args"):
-    jax.jit(_functional_step(tx))(params, tx.init(params), *_batch(0))
+    jax.jit(traced)(jax.tree.map(jnp.asarray, mask))
 
 
 @pytest.mark.parametrize("name", NAMES)
