@@ -13,7 +13,8 @@ the numbers are XLA's `memory_analysis()` on the default backend, split as
 * gradient + scratch: XLA's temp (the block inputs saved for the backward pass, one block's or
   one vocabulary chunk's gradient, the activations of the block being recomputed, the
   optimizer's temporaries for one leaf, and on XLA:CPU its float32 copies of BF16 operands);
-* peak = argument + output - alias + temp (output = alias: everything is updated in place).
+* peak = argument + output - alias + temp (output - alias: the metrics and scalar counters;
+  params and state are updated in place).
 
 Rows: `vocab chunks 0` is the fused step with whole-leaf gradients of the embedding and LM head;
 `vocab chunks N` computes and applies those gradients N vocabulary entries at a time

@@ -22,8 +22,9 @@ def test_breakdown_sums_to_xla_totals(capsys):
     assert r["argument"] == r["weights"] + r["state"] + r["tokens"]
     assert r["tokens"] == 32 * jnp.dtype(jnp.int32).itemsize
     assert 0 < r["moments"] + r["projectors"] <= r["state"]
-    # Everything is updated in place (donated): output == alias; peak as documented.
-    assert r["output"] == r["alias"]
+    # Params and state are updated in place (donated); only the metrics and scalar counters are
+    # new buffers (436 bytes here), shown as 0.00 GB in the table. Peak as documented.
+    assert 0 <= r["output"] - r["alias"] < 1024
     assert r["peak"] == r["argument"] + r["output"] - r["alias"] + r["temp"]
     rows.append((("9m", 8, 1, 32, 8, vocab_chunk), r))
   fm.print_table(rows)
