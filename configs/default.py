@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 50  # save every N updates (and at the end)
   c.train.keep_checkpoints = 2  # how many recent checkpoints to keep
   c.train.fused_update = False  # layer-wise fused backward+update (needs scan_layers)
+  # Fused step: the LM head's and embedding's gradients and updates at most this many vocabulary
+  # entries at a time, so no [V, D] gradient exists (needs model.loss_chunk_size > 0 and
+  # grad_accum_steps 1; rounded down so 8-bit state blocks split). 0: whole leaves.
+  c.train.fused_vocab_chunk_size = 0
   c.train.clip_in_subspace = False  # fused + accumulation + GaLore: clip by the projected norm
   c.train.progress_bar = True  # tqdm progress bar on stderr
   c.train.stop_after_steps = 0  # stop (with a checkpoint) after this many steps; 0 = num_steps

@@ -235,7 +235,29 @@ def test_fused_with_loss_mask_and_chunked_loss_equals_standard_step(name, k, cli
   _check_fused_equals_standard_step(name, k, clip, masked=True, chunk=4)
 
 
-def _check_fused_equals_standard_step(name, k, clip, masked=False, chunk=0):
+@pytest.mark.parametrize("name, clip", [("galore_adamw_8bit", 0.0), ("adamw", 0.5)])
+def test_fused_with_vocab_chunks_equals_standard_step(name, clip):
+  """`vocab_chunk_size`: the head's and embedding's gradients a vocabulary chunk at a time
+  (here 2 chunks of 32 columns / rows, and the 8-bit state's 32-entry blocks split with them),
+  the same agreement as above, widened for one reordered float32 sum (see `VOCAB_ULPS`)."""
+  tx = _optimizer(name)
+  params = nnx.split(Llama(CONFIG, rngs=nnx.Rngs(0)), nnx.Param)[1]
+  layout = fused._layout(params)
+  view = fused.lw.StateView(tx.init(params), layout)
+  nodes = view.split(tx.init(params), layout.treedef)[0]
+  opt = fused.lw.LeafwiseOptimizer(tx, layout, view, {})
+  plan = fused._vocab_plan(opt, nodes, params, 32)
+  assert [plan[g].n for g in (fused.HEAD, fused.EMBED)] == [2, 2]
+  _check_fused_equals_standard_step(name, 1, clip, masked=True, chunk=4, vocab=32)
+
+
+# The LM head's kernel gradient is one float32 sum over the B (L - 1) = 60 predicting positions;
+# vocabulary chunks sum all positions in one dot where the chunked loss sums per loss chunk, a
+# reordering that moves the sum by at most 60 ulps of the sum of magnitudes (Higham, Sec. 4).
+VOCAB_ULPS = 60
+
+
+def _check_fused_equals_standard_step(name, k, clip, masked=False, chunk=0, vocab=0):
   """Each step of the reference's trajectory is recomputed by the fused step from the same state.
 
   Comparing one step from a common state tests the step function itself; comparing two
@@ -282,6 +304,7 @@ def _check_fused_equals_standard_step(name, k, clip, masked=False, chunk=0):
     proj_type="std",
     check_optimizer=False,
     loss_chunk_size=chunk,
+    vocab_chunk_size=vocab,
   )
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the fused step donates its input
   state = _State(jnp.zeros([], jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
@@ -299,7 +322,7 @@ def _check_fused_equals_standard_step(name, k, clip, masked=False, chunk=0):
       )
     condition = _subspace_condition(grads, ref_state, mask) if "galore" in name else 0.0
     refreshes += condition > 0
-    rtol = ULPS * EPS32 * (1.0 + condition)
+    rtol = (ULPS + (VOCAB_ULPS if vocab else 0)) * EPS32 * (1.0 + condition)
     np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=ULPS * EPS32)
     for (path, a), b in zip(
       jax.tree_util.tree_flatten_with_path(new_params)[0], jax.tree.leaves(state.params)
@@ -391,3 +414,12 @@ def test_unsupported_settings_raise():
     fused.make_fused_update(CONFIG, galore, 2, check_optimizer=False)
   with pytest.raises(ValueError, match="scan_layers=True"):
     fused.make_fused_update(dataclasses.replace(CONFIG, scan_layers=False), _optimizer("adamw"))
+  adamw = _optimizer("adamw")
+  with pytest.raises(ValueError, match="chunked loss"):
+    fused.make_fused_update(CONFIG, adamw, vocab_chunk_size=32, check_optimizer=False)
+  with pytest.raises(ValueError, match="grad_accum_steps=1"):
+    fused.make_fused_update(
+      CONFIG, adamw, 2, vocab_chunk_size=32, loss_chunk_size=4, check_optimizer=False
+    )
+  with pytest.raises(ValueError, match="int >= 0"):
+    fused.make_fused_update(CONFIG, adamw, vocab_chunk_size=-1, check_optimizer=False)

@@ -55,11 +55,13 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax import lax
@@ -197,10 +199,169 @@ def _head_backward(m: _Model, layout: lw.TreeLayout, params: list, x_last, token
   return loss_sum, count, grads, dy
 
 
-def _step_single(
-  m: _Model, opt: lw.LeafwiseOptimizer, max_norm: float, params, opt_state, tokens_BxL, mask_BxL
+# ----------------------------------------------------------------------------------------------
+# The LM head and the embedding, one vocabulary chunk at a time (`vocab_chunk_size`).
+
+
+class _VocabChunks(NamedTuple):
+  """Leaf `j` (`[V, D]` embedding: rows = 1; `[D, V]` head: rows = D) as `n` vocabulary chunks.
+
+  Every state entry of the leaf is viewed as `[rows, n, -1]` and chunk c is `[:, c]`, reshaped
+  to the entry the optimizer makes for a `[V / n, D]` (`[D, V / n]`) parameter (`shapes`): true
+  for element-wise moments and for block-quantised ones whose blocks do not straddle chunks,
+  which `_vocab_chunks` checks by sizes.
+  """
+
+  j: int
+  n: int
+  rows: int
+  shape: tuple  # a chunk's parameter shape
+  shapes: list  # per state node: a chunk's entry shape (None: a MaskedNode)
+
+  def take(self, x, c, shape):
+    return lax.dynamic_index_in_dim(x.reshape(self.rows, self.n, -1), c, 1, False).reshape(shape)
+
+  def put(self, x, new, c):
+    view = x.reshape(self.rows, self.n, -1)
+    new = new.reshape(self.rows, 1, -1).astype(x.dtype)
+    return lax.dynamic_update_index_in_dim(view, new, c, 1).reshape(x.shape)
+
+  def take_all(self, param, entries, c):
+    """Chunk c of the parameter and of its state entries, behind `layerwise`'s fence (CPU)."""
+
+    def take(tree, c):
+      param, entries = tree
+      e = [e if s is None else self.take(e, c, s) for e, s in zip(entries, self.shapes)]
+      return self.take(param, c, self.shape), e
+
+    return _fenced(take, (param, entries), c)
+
+  def put_all(self, param, entries, new_param, new_entries, c):
+    e = [
+      e if s is None else self.put(e, x, c) for e, x, s in zip(entries, new_entries, self.shapes)
+    ]
+    return self.put(param, new_param, c), e
+
+
+def _vocab_chunks(tx, view: lw.StateView, layout, nodes: list, param, j: int, axis, max_size):
+  """`_VocabChunks` of leaf j (`param`) split along `axis` into the fewest chunks of at most
+  `max_size` vocabulary entries whose state entries split too (one chunk if none does)."""
+  shape = layout.shapes[j]
+  vocab, rows = shape[axis], shape[0] if axis == 1 else 1
+  whole = [node[j] for node in nodes]
+  d = layout.single(j)
+  for n in [n for n in range(1, vocab + 1) if vocab % n == 0 and vocab // n <= max_size] + [1]:
+    chunk = tuple(vocab // n if a == axis else size for a, size in enumerate(shape))
+    state = jax.eval_shape(tx.init, d.unflatten([jax.ShapeDtypeStruct(chunk, param.dtype)]))
+    parts = [p[0] for p in view.split(state, d)[0]]
+    if all(_splits(e, p, n, rows) for e, p in zip(whole, parts)):
+      shapes = [None if isinstance(p, optax.MaskedNode) else np.shape(p) for p in parts]
+      return _VocabChunks(j, n, rows, chunk, shapes)
+  raise AssertionError("one chunk always splits")
+
+
+def _fenced(fn, tree, c):
+  """`fn(tree, c)` behind the fence of `layerwise.layer_take` (see there: on CPU a conditional,
+  so that XLA neither hoists a float32 copy of the whole leaf nor reads it after the write)."""
+  if jax.default_backend() != "cpu":
+    return lax.optimization_barrier(fn(tree, c))
+  return lax.cond(c >= 0, fn, fn, tree, c)
+
+
+def _splits(whole, part, n: int, rows: int) -> bool:
+  """Whether state entry `whole` is n chunks `part` of `rows` rows each (see `_VocabChunks`)."""
+  if isinstance(whole, optax.MaskedNode) or isinstance(part, optax.MaskedNode):
+    return isinstance(whole, optax.MaskedNode) and isinstance(part, optax.MaskedNode)
+  size, chunk = math.prod(np.shape(whole)), math.prod(np.shape(part))
+  return size == n * chunk and chunk % rows == 0 and np.ndim(whole) >= 1
+
+
+def _vocab_update(
+  opt: lw.LeafwiseOptimizer, vc: _VocabChunks, grad_fn, scale, param, entries, shared
 ):
-  """K = 1: one forward, then updates during the backward pass (two passes when clipping)."""
+  """Leaf `vc.j` updated one chunk at a time; `grad_fn(c, p_c)` is chunk c's mean gradient.
+
+  Returns:
+    (param, entries, shared, sum of squares of the unclipped gradient).
+  """
+  one = opt._replace(chunks={})  # each chunk is one leaf to the optimizer
+
+  def body(carry, c):
+    param, entries, _, sq = carry
+    p_c, e_c = vc.take_all(param, entries, c)
+    g_c = grad_fn(c, p_c)
+    new_p, new_e, new_shared = one.update([vc.j], scale([g_c]), [p_c], [[e] for e in e_c], shared)
+    param, entries = vc.put_all(param, entries, new_p[0], [e[0] for e in new_e], c)
+    return (param, entries, new_shared, sq + lw.sq_norm([g_c])), None
+
+  init = (param, entries, shared, jnp.zeros((), jnp.float32))
+  return lax.scan(body, init, jnp.arange(vc.n))[0]
+
+
+def _vocab_sq_norm(vc: _VocabChunks, grad_fn, param):
+  """Squared norm of leaf `vc.j`'s gradient, chunk by chunk (no update)."""
+
+  def body(sq, c):
+    p_c = _fenced(lambda p, c: vc.take(p, c, vc.shape), param, c)
+    return sq + lw.sq_norm([grad_fn(c, p_c)]), None
+
+  return lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(vc.n))[0]
+
+
+def _head_stats(m: _Model, layout: lw.TreeLayout, params: list, x_last, tokens_BxL, mask_BxL):
+  """The head without its kernel's gradient: (summed loss, target count, gradient of the final
+  norm's leaves (in the head group's order, kernel excluded), gradient of `x_last`, and a
+  function `(c, kernel_c, columns) -> float32 gradient of kernel columns c * columns ...`)."""
+  tree = layout.tree(HEAD, params)
+  norm = lambda p, x: nnx.merge(m.final_norm, p)(x)
+  h_BxLxD, norm_vjp = jax.vjp(norm, tree["final_norm"], x_last)
+  kernel_DxV = tree["lm_head"]["kernel"].astype(h_BxLxD.dtype)  # as nnx.Linear casts it
+  loss_sum, count, dh_BxLxD, stats = losses.chunked_loss_and_input_grad(
+    h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=m.loss_chunk_size, loss_mask_BxL=mask_BxL
+  )
+  g_norm, dy = norm_vjp(dh_BxLxD)
+  g_norm = jax.tree.leaves(g_norm)
+
+  def kernel_grad(c, kernel_DxC):
+    dk = losses.kernel_grad_columns(
+      h_BxLxD,
+      kernel_DxC.astype(h_BxLxD.dtype),
+      stats,
+      tokens_BxL,
+      c * kernel_DxC.shape[1],
+      loss_mask_BxL=mask_BxL,
+    )
+    return dk.astype(h_BxLxD.dtype)  # the dtype of the chunked loss's kernel gradient
+
+  return loss_sum, count, g_norm, dy, kernel_grad
+
+
+def _embed_grad_rows(dx_BxLxD, tokens_BxL, c, shape):
+  """Rows `c * R .. (c + 1) * R - 1` of the embedding's gradient (`shape` `[R, D]`), float32:
+  the scatter-add of the input gradient onto the rows of the tokens that fall in them."""
+  rows = shape[0]
+  idx = tokens_BxL.reshape(-1) - c * rows
+  idx = jnp.where((idx >= 0) & (idx < rows), idx, rows)  # others out of range: dropped
+  dx = dx_BxLxD.reshape(-1, shape[1]).astype(jnp.float32)
+  return jnp.zeros(shape, jnp.float32).at[idx].add(dx, mode="drop")
+
+
+def _step_single(
+  m: _Model,
+  opt: lw.LeafwiseOptimizer,
+  max_norm: float,
+  vocab: dict | None,
+  params,
+  opt_state,
+  tokens_BxL,
+  mask_BxL,
+):
+  """K = 1: one forward, then updates during the backward pass (two passes when clipping).
+
+  With `vocab` (`{HEAD: _VocabChunks, EMBED: _VocabChunks}`), the LM head's kernel and the
+  embedding are updated one vocabulary chunk at a time, each chunk's gradient computed just
+  before its update: no `[V, D]` gradient exists.
+  """
   lay, n = opt.layout, opt.layout.num_layers
   full, nodes, shared, grp = lw.unpack(opt, params, opt_state)
   c = m.config
@@ -208,14 +369,35 @@ def _step_single(
   embed = lambda p: _embed(m, lay.tree(EMBED, p), tokens_BxL)
   x0, embed_vjp = jax.vjp(embed, grp[EMBED].params)
   x_last, xs = _forward(m, lay, grp[LAYERS].params, x0, cos, sin)
-  loss_sum, count, g_head, dy = _head_backward(
-    m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
-  )
+  if vocab is None:
+    loss_sum, count, g_head, dy = _head_backward(
+      m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
+    )
+  else:
+    loss_sum, count, g_head, dy, kernel_grad = _head_stats(
+      m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
+    )
+    vh, ve = vocab[HEAD], vocab[EMBED]
+    k_pos = lay.index[HEAD].index(vh.j)  # the kernel's position in the head group
+    rest = lambda xs: [x for i, x in enumerate(xs) if i != k_pos]
   denom = jnp.maximum(count, 1).astype(jnp.float32)
   mean = lambda gs, ps: [(g.astype(jnp.float32) / denom).astype(p.dtype) for g, p in zip(gs, ps)]
-  g_head = mean(g_head, grp[HEAD].params)
+  if vocab is None:
+    g_head = mean(g_head, grp[HEAD].params)
+    g_embed_of = lambda dx0: mean(embed_vjp(dx0)[0], grp[EMBED].params)
+  else:
+    g_head = mean(g_head, rest(grp[HEAD].params))
+    kernel_mean = lambda c, k_c: mean([kernel_grad(c, k_c)], [k_c])[0]
+    embed_mean = lambda dx0: (
+      lambda c, e_c: mean(
+        [_embed_grad_rows(dx0, tokens_BxL, c, ve.shape).astype(e_c.dtype)], [e_c]
+      )[0]
+    )
+    g_embed_of = None
   read = lambda stacked, i: jax.tree.map(lambda a: a[0], lw.layer_take(stacked, i, n))
   ids = jnp.arange(n)
+  e_param = lambda: grp[EMBED].params[lay.index[EMBED].index(ve.j)]
+  k_param = lambda: grp[HEAD].params[k_pos]
 
   dys, scale = None, lambda grads: grads
   if max_norm > 0:
@@ -227,10 +409,29 @@ def _step_single(
       return _block_backward(m, lay, p_i, read(xs, i), dy, cos, sin, add, sq), dy
 
     (dx0, sq), dys = lax.scan(norms, (dy, lw.sq_norm(g_head)), ids, reverse=True)
-    g_embed = mean(embed_vjp(dx0)[0], grp[EMBED].params)
-    norm = jnp.sqrt(sq + lw.sq_norm(g_embed))
+    if vocab is None:
+      sq = sq + lw.sq_norm(g_embed_of(dx0))
+    else:
+      sq = sq + _vocab_sq_norm(ve, embed_mean(dx0), e_param())
+      sq = sq + _vocab_sq_norm(vh, kernel_mean, k_param())
+    norm = jnp.sqrt(sq)
     scale = lambda grads: lw.clip_by_norm(grads, norm, max_norm)
-  new_head, new_shared = lw.update_group(opt, HEAD, scale(g_head), grp[HEAD], shared)
+  sq0 = lw.sq_norm(g_head)
+  if vocab is None:
+    new_head, new_shared = lw.update_group(opt, HEAD, scale(g_head), grp[HEAD], shared)
+  else:
+    h = grp[HEAD]
+    others = rest(lay.index[HEAD])
+    p_o, e_o, new_shared = opt.update(
+      others, scale(g_head), rest(h.params), [rest(node) for node in h.nodes], shared
+    )
+    k, e_k, _, sq_k = _vocab_update(
+      opt, vh, kernel_mean, scale, k_param(), [node[k_pos] for node in h.nodes], shared
+    )
+    sq0 = sq0 + sq_k
+    p_o.insert(k_pos, k)
+    e_o = [[*e[:k_pos], x, *e[k_pos:]] for e, x in zip(e_o, e_k)] if h.nodes else []
+    new_head = lw.Group(p_o, e_o)
 
   def backward(carry, i):
     dy, layers, sq = carry
@@ -245,12 +446,25 @@ def _step_single(
     dx, (layers, sq) = _block_backward(m, lay, p_i, read(xs, i), dy, cos, sin, update, (layers, sq))
     return (dx, layers, sq), None
 
-  init = (dy, grp[LAYERS], lw.sq_norm(g_head))
+  init = (dy, grp[LAYERS], sq0)
   (dx0_, new_layers, sq_), _ = lax.scan(backward, init, ids, reverse=True)
+  dx0 = dx0 if max_norm > 0 else dx0_  # pass 1's when clipping: the gradient that was measured
+  if vocab is None:
+    g_embed = g_embed_of(dx0)
+    new_embed, _ = lw.update_group(opt, EMBED, scale(g_embed), grp[EMBED], shared)
+    sq_ = sq_ + lw.sq_norm(g_embed)
+  else:
+    e = grp[EMBED]
+    e_pos = lay.index[EMBED].index(ve.j)
+    if len(e.params) != 1:
+      raise ValueError(f"fused update: the embedding group has {len(e.params)} leaves, not 1.")
+    table, e_e, _, sq_e = _vocab_update(
+      opt, ve, embed_mean(dx0), scale, e.params[e_pos], [node[e_pos] for node in e.nodes], shared
+    )
+    new_embed = lw.Group([table], [[x] for x in e_e])
+    sq_ = sq_ + sq_e
   if max_norm <= 0:
-    g_embed = mean(embed_vjp(dx0_)[0], grp[EMBED].params)
-    norm = jnp.sqrt(sq_ + lw.sq_norm(g_embed))
-  new_embed, _ = lw.update_group(opt, EMBED, scale(g_embed), grp[EMBED], shared)
+    norm = jnp.sqrt(sq_)
   groups = {HEAD: new_head, LAYERS: new_layers, EMBED: new_embed}
   new_params, new_state = lw.pack(opt, full, nodes, new_shared, groups)
   return new_params, new_state, {"loss": loss_sum / denom, "grad_norm": norm, "tokens": count}
@@ -353,6 +567,7 @@ def make_fused_update(
   accum_dtype: Any = jnp.float32,
   check_optimizer: bool = True,
   loss_chunk_size: int = 0,
+  vocab_chunk_size: int = 0,
 ) -> Callable:
   """`update(params, opt_state, tokens_BxL, loss_mask_BxL=None) -> (params, opt_state, metrics)`,
   fused layer-wise.
@@ -382,6 +597,13 @@ def make_fused_update(
     check_optimizer: run the separability probe (a few seconds of compilation).
     loss_chunk_size: positions per chunk of the head's loss (`train.losses`; the [B, L, V]
       logits and their gradient never exist); 0 for full logits.
+    vocab_chunk_size: with `loss_chunk_size` and K = 1, at most this many vocabulary entries
+      per chunk of the LM head (columns) and the embedding (rows): each chunk's gradient is
+      computed and the chunk updated at once, so neither `[V, D]` gradient exists (the head's
+      logits are computed once more, a chunk at a time). The chunk is the largest that divides
+      the vocabulary and splits the optimizer state (8-bit blocks must not straddle chunks:
+      768 columns and 16,032 rows for LLaMA-3's 128,256 entries with 256-entry blocks).
+      0: whole leaves.
 
   `loss_mask_BxL` (bool, optional) selects the targets that count, as in
   `train.model.next_token_loss` (instruction data: the response tokens).
@@ -403,6 +625,7 @@ def make_fused_update(
   m = _model_parts(config, loss_chunk_size)
   abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param)[1]
   _validate(tx, abstract, grad_accum_steps, grad_clip_norm, clip_in_subspace, proj_type)
+  _validate_vocab(vocab_chunk_size, loss_chunk_size, grad_accum_steps)
   if check_optimizer:
     lw.check_separable(tx, _layout(abstract))
 
@@ -412,7 +635,10 @@ def make_fused_update(
     nodes = view.split(opt_state, layout.treedef)[0]
     opt = lw.LeafwiseOptimizer(tx, layout, view, lw.plan_chunks(layout, nodes, view.projectors))
     if grad_accum_steps == 1:
-      return _step_single(m, opt, grad_clip_norm, params, opt_state, tokens_BxL, loss_mask_BxL)
+      vocab = _vocab_plan(opt, nodes, params, vocab_chunk_size) if vocab_chunk_size else None
+      return _step_single(
+        m, opt, grad_clip_norm, vocab, params, opt_state, tokens_BxL, loss_mask_BxL
+      )
     split = lambda x: None if x is None else x.reshape(grad_accum_steps, -1, x.shape[-1])
     return _step_accumulate(
       m,
@@ -448,6 +674,31 @@ def make_fused_train_step(setup, grad_accum_steps: int = 1, **options) -> Callab
     return new, metrics
 
   return train_step
+
+
+def _vocab_plan(opt: lw.LeafwiseOptimizer, nodes: list, params, max_size: int) -> dict:
+  """`{HEAD: chunks of the LM head's kernel columns, EMBED: chunks of the embedding's rows}`."""
+  lay, leaves = opt.layout, opt.layout.leaves(params)
+  out = {}
+  for g, names, axis in ((HEAD, ("lm_head", "kernel"), 1), (EMBED, None, 0)):
+    j = next(j for j in lay.index[g] if names is None or lay.names[j] == names)
+    out[g] = _vocab_chunks(opt.tx, opt.view, lay, nodes, leaves[j], j, axis, max_size)
+  return out
+
+
+def _validate_vocab(vocab_chunk_size, loss_chunk_size, grad_accum_steps):
+  if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 0:
+    raise ValueError(f"fused update: vocab_chunk_size={vocab_chunk_size!r} must be an int >= 0.")
+  if vocab_chunk_size and not loss_chunk_size:
+    raise ValueError(
+      f"fused update: vocab_chunk_size={vocab_chunk_size} needs the chunked loss "
+      "(loss_chunk_size > 0): with full logits the head's gradient exists whole anyway."
+    )
+  if vocab_chunk_size and grad_accum_steps > 1:
+    raise ValueError(
+      f"fused update: vocab_chunk_size={vocab_chunk_size} needs grad_accum_steps=1 "
+      f"(got {grad_accum_steps}): accumulating sums the head's and embedding's whole gradients."
+    )
 
 
 def _validate(tx, abstract_params, grad_accum_steps, grad_clip_norm, clip_in_subspace, proj_type):

@@ -14,30 +14,34 @@ Evaluation (no differentiation) runs the primal: the loss pass alone, chunk by c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 
 def _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, mask_BxS):
-  """Per-chunk float32 logits and (masked loss sum, shifted logits, log-normaliser)."""
+  """(masked loss sum, float32 shifted logits, their log-normaliser, the shift) of one chunk."""
   # As nnx.Linear: one dot in the compute dtype, then upcast for the loss.
   logits_BxSxV = jnp.dot(h_BxSxD, kernel_DxV).astype(jnp.float32)
   # As optax.softmax_cross_entropy_with_integer_labels: shift by the max, log-sum-exp.
-  shifted_BxSxV = logits_BxSxV - jnp.max(logits_BxSxV, axis=-1, keepdims=True)
+  max_BxS = jnp.max(logits_BxSxV, axis=-1)
+  shifted_BxSxV = logits_BxSxV - max_BxS[..., None]
   lse_BxS = jnp.log(jnp.sum(jnp.exp(shifted_BxSxV), axis=-1))
   label_BxS = jnp.take_along_axis(shifted_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
   loss = jnp.sum(jnp.where(mask_BxS, lse_BxS - label_BxS, 0.0))
-  return loss, shifted_BxSxV, lse_BxS
+  return loss, shifted_BxSxV, lse_BxS, max_BxS
 
 
-def _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads: bool):
-  """Loss sum (and, with grads, d/dh `[C, B, S, D]` and float32 d/dkernel `[D, V]`)."""
+def _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads: bool, dk=True):
+  """Loss sum, and with grads d/dh `[C, B, S, D]` and float32 d/dkernel `[D, V]` (with `dk`;
+  else the per-position max and log-normaliser `[C, B, S]` of the shifted logits instead)."""
   vocab = kernel_DxV.shape[1]
 
   def body(carry, xs):
     loss_acc, dk_acc = carry
     h_BxSxD, targets_BxS, mask_BxS = xs
-    loss, shifted_BxSxV, lse_BxS = _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, mask_BxS)
+    loss, shifted_BxSxV, lse_BxS, max_BxS = _chunk_nll(h_BxSxD, kernel_DxV, targets_BxS, mask_BxS)
     if not with_grads:
       return (loss_acc + loss, dk_acc), None
     # d(sum nll)/d logits = softmax - one_hot(target) on unmasked positions, 0 on masked ones.
@@ -46,14 +50,16 @@ def _scan_loss(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads: boo
     # The cotangent reaches the dot in its output dtype, as under autodiff of the unchunked loss.
     g_BxSxV = jnp.where(mask_BxS[..., None], g32_BxSxV, 0.0).astype(h_BxSxD.dtype)
     dh_BxSxD = jnp.einsum("bsv,dv->bsd", g_BxSxV, kernel_DxV)
+    if not dk:
+      return (loss_acc + loss, dk_acc), (dh_BxSxD, max_BxS, lse_BxS)
     dk_DxV = jnp.einsum("bsd,bsv->dv", h_BxSxD, g_BxSxV, preferred_element_type=jnp.float32)
     return (loss_acc + loss, dk_acc + dk_DxV), dh_BxSxD
 
-  dk0 = jnp.zeros(kernel_DxV.shape if with_grads else (), jnp.float32)
+  dk0 = jnp.zeros(kernel_DxV.shape if with_grads and dk else (), jnp.float32)
   init = (jnp.zeros([], jnp.float32), dk0)
   xs = (h_CxBxSxD, targets_CxBxS, mask_CxBxS)
-  (loss, dk_DxV), dh_CxBxSxD = jax.lax.scan(body, init, xs)
-  return loss, dh_CxBxSxD, dk_DxV
+  (loss, dk_DxV), out = jax.lax.scan(body, init, xs)
+  return loss, out, dk_DxV
 
 
 @jax.custom_vjp
@@ -111,6 +117,20 @@ def chunked_next_token_loss(
     kernel_DxV = model.lm_head.kernel[...].astype(h_BxLxD.dtype)
     loss_sum, n = chunked_next_token_loss(h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=32)
   """
+  h_CxBxSxD, targets_CxBxS, mask_CxBxS, count = _chunks(
+    h_BxLxD, tokens_BxL, chunk_size, pad_id, loss_mask_BxL
+  )
+  return _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS), count
+
+
+def _targets(tokens_BxL, pad_id, loss_mask_BxL):
+  """(targets, bool mask) of the L - 1 predicting positions."""
+  mask_BxL1 = tokens_BxL[:, 1:] != pad_id if loss_mask_BxL is None else loss_mask_BxL[:, 1:]
+  return tokens_BxL[:, 1:], mask_BxL1.astype(bool)
+
+
+def _chunks(h_BxLxD, tokens_BxL, chunk_size, pad_id, loss_mask_BxL):
+  """The L - 1 predicting positions as C chunks of S: (h, targets, mask, target count)."""
   if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
     raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
   b, seq, d = h_BxLxD.shape
@@ -120,11 +140,83 @@ def chunked_next_token_loss(
   c = -(-l1 // s)
   extra = c * s - l1
   h_BxL1xD = jnp.pad(h_BxLxD[:, :-1], ((0, 0), (0, extra), (0, 0)))
-  mask_BxL1 = tokens_BxL[:, 1:] != pad_id if loss_mask_BxL is None else loss_mask_BxL[:, 1:]
-  targets_BxL1 = jnp.pad(tokens_BxL[:, 1:], ((0, 0), (0, extra)))
-  mask_BxL1 = jnp.pad(mask_BxL1.astype(bool), ((0, 0), (0, extra)))  # padding: not targets
+  targets_BxL1, mask_BxL1 = _targets(tokens_BxL, pad_id, loss_mask_BxL)
+  targets_BxL1 = jnp.pad(targets_BxL1, ((0, 0), (0, extra)))
+  mask_BxL1 = jnp.pad(mask_BxL1, ((0, 0), (0, extra)))  # padding: not targets
   h_CxBxSxD = h_BxL1xD.reshape(b, c, s, d).transpose(1, 0, 2, 3)
   targets_CxBxS = targets_BxL1.reshape(b, c, s).transpose(1, 0, 2)
   mask_CxBxS = mask_BxL1.reshape(b, c, s).transpose(1, 0, 2)
-  loss_sum = _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS)
-  return loss_sum, jnp.sum(mask_BxL1, dtype=jnp.int32)
+  return h_CxBxSxD, targets_CxBxS, mask_CxBxS, jnp.sum(mask_BxL1, dtype=jnp.int32)
+
+
+class SoftmaxStats(NamedTuple):
+  """Per predicting position, float32 `[B, L - 1]`: the max of its logits and the log-sum-exp
+  of the logits shifted by it (the softmax is `exp(logits - max - lse)`)."""
+
+  max_BxL1: jax.Array
+  lse_BxL1: jax.Array
+
+
+def chunked_loss_and_input_grad(
+  h_BxLxD: jax.Array,
+  kernel_DxV: jax.Array,
+  tokens_BxL: jax.Array,
+  *,
+  chunk_size: int,
+  pad_id: int = 0,
+  loss_mask_BxL: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, SoftmaxStats]:
+  """`chunked_next_token_loss` and its gradient in `h`, without the kernel's gradient.
+
+  For a step that takes the LM head's gradient later, a vocabulary slice at a time
+  (`kernel_grad_columns`), so that no `[D, V]` gradient exists; arguments as
+  `chunked_next_token_loss`, the same float operations.
+
+  Returns:
+    `(loss_sum, num_tokens, dh_BxLxD, stats)`: `dh` = d loss_sum / d h (zero at the last
+    position), in h's dtype; `stats` the softmax statistics `kernel_grad_columns` needs.
+  """
+  h_CxBxSxD, targets_CxBxS, mask_CxBxS, count = _chunks(
+    h_BxLxD, tokens_BxL, chunk_size, pad_id, loss_mask_BxL
+  )
+  loss, (dh_CxBxSxD, max_CxBxS, lse_CxBxS), _ = _scan_loss(
+    h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads=True, dk=False
+  )
+  b, seq, d = h_BxLxD.shape
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1, *x.shape[3:])[:, : seq - 1]
+  dh_BxLxD = jnp.pad(unchunk(dh_CxBxSxD), ((0, 0), (0, 1), (0, 0)))
+  return loss, count, dh_BxLxD, SoftmaxStats(unchunk(max_CxBxS), unchunk(lse_CxBxS))
+
+
+def kernel_grad_columns(
+  h_BxLxD: jax.Array,
+  kernel_DxC: jax.Array,
+  stats: SoftmaxStats,
+  tokens_BxL: jax.Array,
+  start,
+  *,
+  pad_id: int = 0,
+  loss_mask_BxL: jax.Array | None = None,
+) -> jax.Array:
+  """float32 d loss_sum / d kernel[:, start:start + C] from `chunked_loss_and_input_grad`'s
+  statistics: the columns' logits are recomputed (`[B, L - 1, C]`, all positions at once).
+
+  Args:
+    h_BxLxD: the final-norm hidden states, as given to `chunked_loss_and_input_grad`.
+    kernel_DxC: the kernel's columns `start .. start + C - 1`, in the compute dtype.
+    stats: `chunked_loss_and_input_grad`'s `SoftmaxStats`.
+    tokens_BxL, pad_id, loss_mask_BxL: as there.
+    start: the first column (vocabulary id) of the slice; may be traced.
+
+  Returns:
+    `[D, C]` float32.
+  """
+  targets_BxL1, mask_BxL1 = _targets(tokens_BxL, pad_id, loss_mask_BxL)
+  h_BxL1xD = h_BxLxD[:, :-1]
+  logits_BxL1xC = jnp.dot(h_BxL1xD, kernel_DxC).astype(jnp.float32)
+  # The operations of `_scan_loss` on these columns: shift, normalise, minus the one-hot.
+  shifted_BxL1xC = logits_BxL1xC - stats.max_BxL1[..., None]
+  p_BxL1xC = jnp.exp(shifted_BxL1xC - stats.lse_BxL1[..., None])
+  onehot = jax.nn.one_hot(targets_BxL1 - start, kernel_DxC.shape[1], dtype=jnp.float32)
+  g_BxL1xC = jnp.where(mask_BxL1[..., None], p_BxL1xC - onehot, 0.0).astype(h_BxLxD.dtype)
+  return jnp.einsum("bld,blc->dc", h_BxL1xD, g_BxL1xC, preferred_element_type=jnp.float32)

@@ -151,6 +151,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if t.fused_update and not m.scan_layers:
     raise _field_error("train.fused_update", t.fused_update, "needs config.model.scan_layers=True.")
+  _check_ints(config, 0, "train.fused_vocab_chunk_size")
+  if t.fused_vocab_chunk_size and not (
+    t.fused_update and m.loss_chunk_size and t.grad_accum_steps == 1
+  ):
+    raise _field_error(
+      "train.fused_vocab_chunk_size",
+      t.fused_vocab_chunk_size,
+      "needs train.fused_update=True, model.loss_chunk_size > 0 and train.grad_accum_steps=1.",
+    )
   _check_choice(config, "model.size", tuple(LLAMA_SIZES))
   _check_ints(
     config,
@@ -716,6 +725,7 @@ def compile_train_step(run: Run) -> jax.stages.Compiled:
       clip_in_subspace=t.clip_in_subspace,
       proj_type=o.proj_type,
       loss_chunk_size=setup.loss_chunk_size,
+      vocab_chunk_size=t.fused_vocab_chunk_size,
     )
   else:
     step_fn = make_train_step(setup, t.grad_accum_steps, layout)
