@@ -33,6 +33,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -186,3 +187,43 @@ def test_without_sign_convention_runs_drift_apart():
     worst = max(worst, _rel(np.asarray(w) - w0.T, p_torch.detach().numpy().T - w0.T))
   # With raw signs, some basis vector flips between the libraries with overwhelming probability.
   assert worst > 1e-2
+
+
+@pytest.mark.parametrize(
+  "out_dim, in_dim, proj_type", [(24, 16, "std"), (16, 24, "std"), (24, 16, "reverse_std")]
+)
+def test_galore_over_optax_adafactor_equals_galore_adafactor(out_dim, in_dim, proj_type):
+  """`gj.galore(optax.adafactor(...))` is `galore_torch.GaLoreAdafactor` with the training
+  script's settings (no relative step, no parameter scale, no first moment, factored second
+  moment, RMS clip 1): optax's factored Adafactor and transformers' agree on the low-rank
+  gradient (factoring is symmetric under the transpose between the torch and Flax layouts, and
+  the row and column means of the second moment share one total). Without a first moment a
+  basis vector's sign cancels between projection and back-projection, so the runs agree across
+  refreshes with or without the sign convention; the tolerance is the same float32 round-off."""
+  rank, gap, scale, lr = 4, 2, 0.5, 1e-2
+  rng = np.random.default_rng(7)
+  w0 = (0.02 * rng.standard_normal((out_dim, in_dim))).astype(np.float32)
+  p_torch = torch.nn.Parameter(torch.tensor(w0))
+  group = {"params": [p_torch], "rank": rank, "update_proj_gap": gap, "scale": scale}
+  group["proj_type"] = proj_type
+  opt = galore_torch.GaLoreAdafactor(
+    [group], lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
+  )
+  inner = optax.adafactor(
+    lr, min_dim_size_to_factor=1, multiply_by_parameter_scale=False, clipping_threshold=1.0
+  )
+  tx = gj.galore(inner, rank=rank, update_proj_gap=gap, scale=scale, proj_type=proj_type)
+  update = jax.jit(tx.update)
+  w_jax = jnp.asarray(w0.T)
+  state = tx.init(w_jax)
+  worst_w = worst_d = 0.0
+  for _ in range(3 * gap + 1):
+    g = _gradient(rng, out_dim, in_dim)
+    p_torch.grad = torch.tensor(g)
+    opt.step()
+    u, state = update(jnp.asarray(g.T), state, w_jax)
+    w_jax = w_jax + u
+    wt, wj = p_torch.detach().numpy().T, np.asarray(w_jax)
+    worst_w = max(worst_w, _rel(wj, wt))
+    worst_d = max(worst_d, _rel(wj - w0.T, wt - w0.T))
+  assert worst_w <= WEIGHT_RTOL and worst_d <= DISPLACEMENT_RTOL, (worst_w, worst_d)
