@@ -4,6 +4,7 @@ Builds offline (no intersphinx): `make docs` = `sphinx-build -W --keep-going doc
 """
 
 import sys
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,9 @@ def _results_pages(app) -> None:
     text = f"```{{include}} ../../../benchmarks/results/{f.name}\n```\n"
     if not page.exists() or page.read_text() != text:  # unchanged pages are not rebuilt
       page.write_text(text)
+  for f in sorted((ROOT / "benchmarks" / "results").glob("*.png")):  # their plots, beside them
+    if not (out / f.name).exists() or (out / f.name).read_bytes() != f.read_bytes():
+      shutil.copyfile(f, out / f.name)
 
 
 def setup(app):

@@ -81,7 +81,7 @@ def param_partition_specs(
   """`PartitionSpec` per parameter for a split over the mesh axis `axis` of size `axis_size`.
 
   Args:
-    params: the parameter tree (arrays or `ShapeDtypeStruct`s).
+    params: the parameter tree (arrays or `ShapeDtypeStruct` leaves).
     axis: the mesh axis name parameters are split over.
     axis_size: its size.
     mask: GaLore's targets (a tree of bools or a callable, as given to GaLore); None: none.

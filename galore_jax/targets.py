@@ -192,7 +192,7 @@ def galore_targets(
   """What GaLore does with each leaf of `params`, with the same options as `scale_by_galore`.
 
   Args:
-    params: the parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+    params: the parameter tree (arrays or `jax.ShapeDtypeStruct` leaves).
     rank: GaLore's rank.
     proj_type: see `scale_by_galore`.
     mask: see `scale_by_galore`.
