@@ -3,8 +3,8 @@
 Builds offline (no intersphinx): `make docs` = `sphinx-build -W --keep-going docs docs/_build/html`.
 """
 
-import sys
 import shutil
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
