@@ -18,7 +18,12 @@ below `6 * 50 * eps * 2 ≈ 7e-5` relative; we assert 1e-4 relative on parameter
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +89,10 @@ def _params(seed: int = 0) -> dict:
       "bias": jnp.zeros((D_OUT,)),
     },
   }
+
+
+def _matrices(params):
+  return jax.tree.map(lambda x: x.ndim == 2, params)
 
 
 def _batch(step: int) -> tuple[jax.Array, jax.Array]:
@@ -376,3 +385,49 @@ def test_galore_targets_lists_every_leaf_and_the_state_it_costs():
   total = gj.memory.split_state_bytes(state)
   assert total.moments + total.projectors == sum(r.galore_bytes for r in rows)
   assert "total" in gj.format_targets(rows)
+
+
+def test_a_users_sharded_loop_matches_one_device_and_explicit_meshes_are_refused():
+  """tests/user_loop_worker.py on 4 CPU devices: params and state sharded with
+  `galore_jax.sharding` over an Auto `fsdp` axis. Summing the batch's gradient over shards
+  reassociates float32 sums: 3 steps stay within 1e-5 relative (as tests/test_sharding.py's
+  RTOL derives)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  worker = Path(__file__).resolve().parent / "user_loop_worker.py"
+  out = subprocess.run(
+    [sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 4
+  for name in ("galore_adamw", "galore_adamw_8bit"):
+    assert report[name]["rel_diff"] <= 1e-5, report[name]
+    # The kept axis: attn [32, 64] keeps O (64), mlp [64, 16] keeps I (64), norm its only axis.
+    assert report[name]["param_specs"] == ["P(None, 'fsdp')", "P('fsdp', None)", "P('fsdp',)"]
+  assert "Explicit mesh axes" in report["explicit_error"]
+  assert "AxisType.Auto" in report["explicit_error"]
+
+
+def test_errors_and_warnings_name_the_leaf_and_the_argument():
+  params = _params()
+  with pytest.raises(ValueError, match=r"`mask` must be a pytree with the params' structure"):
+    gj.galore_adamw(1e-2, mask={"dense1": True}).init(params)
+  dn = gj.GaLoreDimensionNumbers(reduction_axis=0, output_axis=5)
+  with pytest.raises(ValueError, match=r"dense1/kernel of shape \(16, 24\).*output_axis=5"):
+    dns = {"dense1": {"kernel": dn, "bias": None}, "dense2": {"kernel": None, "bias": None}}
+    gj.galore_adamw(1e-2, mask=_matrices, dimension_numbers=dns).init(params)
+  ints = {"w": jnp.zeros((8, 8), jnp.int32), "v": jnp.zeros((8, 8))}
+  with pytest.raises(ValueError, match=r"`mask` selects w of dtype int32"):
+    gj.galore_adamw(1e-2, mask={"w": True, "v": True}).init(ints)
+  # By default an integer leaf is simply not a target.
+  assert not gj.galore_targets(ints)[1].projected
+  stacked = {"layers": jnp.zeros((3, 16, 24)), "w": jnp.zeros((16, 24))}
+  with pytest.warns(UserWarning, match=r"layers \(3, 16, 24\): not projected: 3-D"):
+    state = gj.galore_adamw(1e-2, rank=4).init(stacked)
+  assert isinstance(state[0].projectors[0]["layers"], optax.MaskedNode)
+  assert state[0].projectors[0]["w"].shape == (16, 4)
+  # Selected by a mask, the leading axis is a stack of layers: one basis per layer.
+  state = gj.galore_adamw(1e-2, rank=4, mask={"layers": True, "w": True}).init(stacked)
+  assert state[0].projectors[0]["layers"].shape == (3, 16, 4)
+  with pytest.warns(UserWarning, match=r"w \(16, 24\): GaLore holds more state than Adam"):
+    gj.galore_adamw(1e-2, rank=16, mask={"layers": False, "w": True}).init(stacked)
