@@ -201,6 +201,44 @@ def report(root: Path, args) -> None:
   plot(root, results)
 
 
+def curves(root: Path) -> None:
+  """Eval perplexity every `eval_every` steps of each run under `root` (finished or not), the
+  mean train loss of the steps before each eval, and `curves.png`."""
+  runs = sorted(p.parent for p in root.glob("*/metrics.jsonl"))
+  table = {}
+  for run_dir in runs:
+    records = trainer.load_metrics(run_dir)
+    evals = {r["step"]: r["eval_perplexity"] for r in records if "eval_perplexity" in r}
+    losses = sorted((r["step"], r["loss"]) for r in records if "loss" in r)
+    prev, train = 0, {}
+    for step in sorted(evals):
+      window = [v for s, v in losses if prev < s <= step]
+      train[step] = sum(window) / len(window) if window else float("nan")
+      prev = step
+    table[run_dir.name] = (evals, train)
+  steps = sorted({s for evals, _ in table.values() for s in evals})
+  print("\neval perplexity (train loss, mean over the steps since the previous eval)")
+  print("| run | " + " | ".join(f"step {s}" for s in steps) + " |")
+  print("|---|" + "---|" * len(steps))
+  for name, (evals, train) in table.items():
+    cells = [f"{evals[s]:.1f} ({train[s]:.2f})" if s in evals else "-" for s in steps]
+    print(f"| {name} | " + " | ".join(cells) + " |")
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name, (evals, _) in table.items():
+    xs = sorted(evals)
+    ax.plot(xs, [evals[s] for s in xs], "o-", label=name)
+  ax.set(xlabel="step", ylabel="eval perplexity", yscale="log", title=str(root.name))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.savefig(root / "curves.png", dpi=100, bbox_inches="tight")
+  plt.close(fig)
+
+
 def plot(root: Path, results: list[dict]) -> None:
   import matplotlib  # noqa: PLC0415
 
@@ -253,10 +291,16 @@ def main() -> None:
     help="run only this setting (the method's swept value; seed 0 unless given); repeatable",
   )
   parser.add_argument("--report", action="store_true", help="only print the tables and plot")
+  parser.add_argument(
+    "--curves", action="store_true", help="only print each run's eval curve and plot it"
+  )
   parser.add_argument("--dry_run", action="store_true", help="only build every config")
   args = parser.parse_args()
   root = Path(args.workdir)
   root.mkdir(parents=True, exist_ok=True)
+  if args.curves:
+    curves(root)
+    return
   if args.run:
     for spec in args.run:
       method, sweep, seed = parse_run(spec)
