@@ -630,10 +630,12 @@ def make_fused_update(
       logits and their gradient never exist); 0 for full logits.
     vocab_chunk_size: with `loss_chunk_size` and K = 1, at most this many vocabulary entries
       per chunk of the LM head (columns) and the embedding (rows): each chunk's gradient is
-      computed and the chunk updated at once, so neither `[V, D]` gradient exists (the head's
-      logits are computed once more, a chunk at a time). The chunk is the largest that divides
-      the vocabulary and splits the optimizer state (8-bit blocks must not straddle chunks:
-      768 columns and 16,032 rows for LLaMA-3's 128,256 entries with 256-entry blocks).
+      computed and the chunk updated at once, so neither `[V, D]` gradient exists; the head's
+      loss is then taken by vocabulary chunks too (an online softmax,
+      `train.losses.vocab_chunked_loss`; the logits are computed twice, a chunk at a time), so
+      no dot reads the whole kernel (on XLA:CPU that would make float32 copies of it). The
+      chunk is the largest that divides the vocabulary and splits the optimizer state (8-bit
+      blocks must not straddle chunks: 768 columns and 16,032 rows for LLaMA-3's 128,256 entries with 256-entry blocks).
       0: whole leaves.
 
   `loss_mask_BxL` (bool, optional) selects the targets that count, as in

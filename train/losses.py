@@ -10,6 +10,12 @@ one-hot target, times the GEMMs), so no chunk is recomputed and nothing `[B, L, 
 ever live. The backward only scales the saved gradients by the incoming cotangent.
 
 Evaluation (no differentiation) runs the primal: the loss pass alone, chunk by chunk.
+
+For the fused layer-wise step (`train.fused`, `vocab_chunk_size`) the loss is also available by
+*vocabulary* chunks (`vocab_chunked_loss`: an online softmax over column chunks of the kernel,
+then `vocab_chunk_grads` per chunk), so that no dot ever takes the whole `[D, V]` kernel: on
+XLA:CPU, which has no BF16 dots, such a dot makes a float32 copy of the kernel (and another of
+its transpose for `dloss/dh`), 2.1 GB each at LLaMA-3-8B's 128,256 x 4,096.
 """
 
 from __future__ import annotations
