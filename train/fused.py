@@ -635,8 +635,8 @@ def make_fused_update(
       `train.losses.vocab_chunked_loss`; the logits are computed twice, a chunk at a time), so
       no dot reads the whole kernel (on XLA:CPU that would make float32 copies of it). The
       chunk is the largest that divides the vocabulary and splits the optimizer state (8-bit
-      blocks must not straddle chunks: 768 columns and 16,032 rows for LLaMA-3's 128,256 entries with 256-entry blocks).
-      0: whole leaves.
+      blocks must not straddle chunks: 768 columns and 16,032 rows for LLaMA-3's 128,256
+      entries with 256-entry blocks). 0: whole leaves.
 
   `loss_mask_BxL` (bool, optional) selects the targets that count, as in
   `train.model.next_token_loss` (instruction data: the response tokens).
