@@ -18,7 +18,8 @@ the numbers are XLA's `memory_analysis()` on the default backend, split as
 
 Rows: `vocab chunks 0` is the fused step with whole-leaf gradients of the embedding and LM head;
 `vocab chunks N` computes and applies those gradients N vocabulary entries at a time
-(`make_fused_update(vocab_chunk_size=N)`). The pre-training row (the paper's 7B rank 1024, 256
+(`make_fused_update(vocab_chunk_size=N)`), the head's loss by
+the same column chunks (an online softmax). The pre-training row (the paper's 7B rank 1024, 256
 tokens, full logits) is printed apart with `--pretrain`.
 
 Usage:

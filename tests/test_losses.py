@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from train import trainer
+from train import losses, trainer
 from train.losses import chunked_next_token_loss
 from train.model import next_token_loss
 
@@ -94,6 +94,43 @@ def test_chunked_loss_scales_by_the_cotangent_and_keeps_dtypes():
     lambda h, w: chunked_next_token_loss(h, w, tokens, chunk_size=4)[0], argnums=(0, 1)
   )(hb, wb)
   assert (loss.dtype, dhb.dtype, dwb.dtype) == (jnp.float32, jnp.bfloat16, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 2, 5, 10])  # V = 50: 50, 25, 10, 5 columns each
+def test_vocab_chunked_loss_and_gradients_match_the_full_logits_loss(num_chunks):
+  """The online softmax over vocabulary chunks and the per-chunk gradients (summed): within the
+  float64 reference's rounding bounds, widened for the rescaling. Each chunk after the first
+  rescales the running sum once (`s exp(m_old - m_new)`: an exp and a multiply, ~2 roundings),
+  so the normaliser is a sum of at most V + 2 C rounded terms instead of V."""
+  h, w, tokens = _problem()
+  ref_loss, ref_dh, ref_dw, bound = _reference64(h, w, tokens)
+  widen = 1 + 2 * num_chunks / (w.shape[0] + w.shape[1] + h.shape[0] * (h.shape[1] - 1))
+  size = w.shape[1] // num_chunks
+  tokens = jnp.asarray(tokens)
+  columns = lambda c: jax.lax.dynamic_slice_in_dim(w, c * size, size, axis=1)  # noqa: E731
+
+  @jax.jit
+  def run(h, w):
+    loss, count, stats = losses.vocab_chunked_loss(h, columns, num_chunks, tokens)
+    grads = [
+      losses.vocab_chunk_grads(h, columns(c), stats, tokens, c * size) for c in range(num_chunks)
+    ]
+    dh = sum(g[1] for g in grads)
+    return loss, count, dh, jnp.concatenate([g[0] for g in grads], axis=1)
+
+  loss, count, dh, dw = map(np.asarray, run(jnp.asarray(h), jnp.asarray(w)))
+  assert abs(float(loss) - ref_loss) <= widen * bound["loss"]
+  assert np.all(np.abs(dh - ref_dh) <= widen * bound["dh"])
+  assert np.all(np.abs(dw - ref_dw) <= widen * bound["dw"])
+  assert int(count) == int(np.sum(np.asarray(tokens)[:, 1:] != 0))
+  # With a loss mask: the mask, not the pad rule, picks the targets (here: every other one).
+  mask = jnp.asarray(np.arange(tokens.shape[1]) % 2 == 0)[None].repeat(tokens.shape[0], 0)
+  loss_m, count_m, _ = losses.vocab_chunked_loss(
+    jnp.asarray(h), columns, num_chunks, tokens, loss_mask_BxL=mask
+  )
+  full_m, n_m = next_token_loss(jnp.asarray(h) @ w, tokens, loss_mask_BxL=mask)
+  assert int(count_m) == int(n_m)
+  assert abs(float(loss_m) - float(full_m)) <= widen * bound["loss"]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True])

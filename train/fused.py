@@ -223,7 +223,9 @@ class _VocabChunks(NamedTuple):
 
   def put(self, x, new, c):
     view = x.reshape(self.rows, self.n, -1)
-    new = new.reshape(self.rows, 1, -1).astype(x.dtype)
+    # The barrier keeps XLA from moving the cast across the write: it would otherwise cast the
+    # whole leaf to float32, write the chunk there and cast back (a new leaf-sized buffer).
+    new = lax.optimization_barrier(new.reshape(self.rows, 1, -1).astype(x.dtype))
     return lax.dynamic_update_index_in_dim(view, new, c, 1).reshape(x.shape)
 
   def take_all(self, param, entries, c):
@@ -277,63 +279,80 @@ def _splits(whole, part, n: int, rows: int) -> bool:
 
 
 def _vocab_update(
-  opt: lw.LeafwiseOptimizer, vc: _VocabChunks, grad_fn, scale, param, entries, shared
+  opt: lw.LeafwiseOptimizer, vc: _VocabChunks, grad_fn, scale, param, entries, shared, aux=()
 ):
-  """Leaf `vc.j` updated one chunk at a time; `grad_fn(c, p_c)` is chunk c's mean gradient.
+  """Leaf `vc.j` updated one chunk at a time; `grad_fn(c, p_c)` is (chunk c's mean gradient,
+  chunk c's term of a sum that starts at `aux`), `p_c` the chunk before its update.
 
   Returns:
-    (param, entries, shared, sum of squares of the unclipped gradient).
+    (param, entries, shared, sum of squares of the unclipped gradient, the sum of the terms).
   """
   one = opt._replace(chunks={})  # each chunk is one leaf to the optimizer
 
   def body(carry, c):
-    param, entries, _, sq = carry
+    param, entries, _, sq, aux = carry
     p_c, e_c = vc.take_all(param, entries, c)
-    g_c = grad_fn(c, p_c)
+    g_c, term = grad_fn(c, p_c)
     new_p, new_e, new_shared = one.update([vc.j], scale([g_c]), [p_c], [[e] for e in e_c], shared)
     param, entries = vc.put_all(param, entries, new_p[0], [e[0] for e in new_e], c)
-    return (param, entries, new_shared, sq + lw.sq_norm([g_c])), None
+    aux = jax.tree.map(jnp.add, aux, term)
+    return (param, entries, new_shared, sq + lw.sq_norm([g_c]), aux), None
 
-  init = (param, entries, shared, jnp.zeros((), jnp.float32))
+  init = (param, entries, shared, jnp.zeros((), jnp.float32), aux)
   return lax.scan(body, init, jnp.arange(vc.n))[0]
 
 
-def _vocab_sq_norm(vc: _VocabChunks, grad_fn, param):
-  """Squared norm of leaf `vc.j`'s gradient, chunk by chunk (no update)."""
+def _vocab_sq_norm(vc: _VocabChunks, grad_fn, param, aux=()):
+  """(Squared norm of leaf `vc.j`'s gradient, the sum of `grad_fn`'s terms from `aux`), chunk
+  by chunk (no update); `grad_fn` as `_vocab_update`'s."""
 
-  def body(sq, c):
-    p_c = _fenced(lambda p, c: vc.take(p, c, vc.shape), param, c)
-    return sq + lw.sq_norm([grad_fn(c, p_c)]), None
+  def body(carry, c):
+    sq, aux = carry
+    g_c, term = grad_fn(c, _fenced(lambda p, c: vc.take(p, c, vc.shape), param, c))
+    return (sq + lw.sq_norm([g_c]), jax.tree.map(jnp.add, aux, term)), None
 
-  return lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(vc.n))[0]
+  return lax.scan(body, (jnp.zeros((), jnp.float32), aux), jnp.arange(vc.n))[0]
 
 
-def _head_stats(m: _Model, layout: lw.TreeLayout, params: list, x_last, tokens_BxL, mask_BxL):
-  """The head without its kernel's gradient: (summed loss, target count, gradient of the final
-  norm's leaves (in the head group's order, kernel excluded), gradient of `x_last`, and a
-  function `(c, kernel_c, columns) -> float32 gradient of kernel columns c * columns ...`)."""
-  tree = layout.tree(HEAD, params)
+class _HeadPass(NamedTuple):
+  """The head's loss by vocabulary chunks, before any gradient (see `_head_pass`)."""
+
+  loss_sum: jax.Array
+  count: jax.Array
+  dh0_BxLxD: jax.Array  # float32 zeros: the start of d loss / d h's sum over the chunks
+  kernel_grad: Callable  # (c, kernel_c) -> (d kernel_c in the kernel's dtype, d h term)
+  backward: Callable  # d loss / d h (float32) -> (final norm's gradient leaves, d x_last)
+
+
+def _head_pass(m: _Model, vh: _VocabChunks, params: dict, x_last, tokens_BxL, mask_BxL):
+  """The head (final norm, then the LM head `vh` splits) with its kernel only ever read one
+  vocabulary chunk at a time: loss and softmax statistics by an online softmax over the chunks
+  (`train.losses.vocab_chunked_loss`); each chunk's kernel gradient and term of the hidden
+  state's gradient later, from the statistics (`train.losses.vocab_chunk_grads`). So no dot
+  ever takes the whole `[D, V]` kernel, which on XLA:CPU (no BF16 dots) would make float32
+  copies of it and of its transpose (2.1 GB each at LLaMA-3-8B)."""
   norm = lambda p, x: nnx.merge(m.final_norm, p)(x)
-  h_BxLxD, norm_vjp = jax.vjp(norm, tree["final_norm"], x_last)
-  kernel_DxV = tree["lm_head"]["kernel"].astype(h_BxLxD.dtype)  # as nnx.Linear casts it
-  loss_sum, count, dh_BxLxD, stats = losses.chunked_loss_and_input_grad(
-    h_BxLxD, kernel_DxV, tokens_BxL, chunk_size=m.loss_chunk_size, loss_mask_BxL=mask_BxL
+  h_BxLxD, norm_vjp = jax.vjp(norm, params["final_norm"], x_last)
+  kernel_DxV = params["lm_head"]["kernel"]
+  dtype = h_BxLxD.dtype  # the compute dtype; nnx.Linear casts the kernel to it
+  columns = lambda c: _fenced(lambda k, c: vh.take(k, c, vh.shape), kernel_DxV, c).astype(dtype)
+  grad_opts = dict(loss_mask_BxL=mask_BxL)
+  loss_sum, count, stats = losses.vocab_chunked_loss(
+    h_BxLxD, columns, vh.n, tokens_BxL, **grad_opts
   )
-  g_norm, dy = norm_vjp(dh_BxLxD)
-  g_norm = jax.tree.leaves(g_norm)
 
   def kernel_grad(c, kernel_DxC):
-    dk = losses.kernel_grad_columns(
-      h_BxLxD,
-      kernel_DxC.astype(h_BxLxD.dtype),
-      stats,
-      tokens_BxL,
-      c * kernel_DxC.shape[1],
-      loss_mask_BxL=mask_BxL,
+    dk, dh = losses.vocab_chunk_grads(
+      h_BxLxD, kernel_DxC.astype(dtype), stats, tokens_BxL, c * vh.shape[1], **grad_opts
     )
-    return dk.astype(h_BxLxD.dtype)  # the dtype of the chunked loss's kernel gradient
+    return dk.astype(dtype), dh  # the chunked loss's kernel gradient is in the compute dtype
 
-  return loss_sum, count, g_norm, dy, kernel_grad
+  def backward(dh_BxLxD):
+    g_norm, dy = norm_vjp(dh_BxLxD.astype(dtype))
+    return jax.tree.leaves(g_norm), dy
+
+  dh0 = jnp.zeros(h_BxLxD.shape, jnp.float32)
+  return _HeadPass(loss_sum, count, dh0, kernel_grad, backward)
 
 
 def _embed_grad_rows(dx_BxLxD, tokens_BxL, c, shape):
@@ -374,10 +393,9 @@ def _step_single(
       m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
     )
   else:
-    loss_sum, count, g_head, dy, kernel_grad = _head_stats(
-      m, lay, grp[HEAD].params, x_last, tokens_BxL, mask_BxL
-    )
     vh, ve = vocab[HEAD], vocab[EMBED]
+    head = _head_pass(m, vh, lay.tree(HEAD, grp[HEAD].params), x_last, tokens_BxL, mask_BxL)
+    loss_sum, count = head.loss_sum, head.count
     k_pos = lay.index[HEAD].index(vh.j)  # the kernel's position in the head group
     rest = lambda xs: [x for i, x in enumerate(xs) if i != k_pos]
   denom = jnp.maximum(count, 1).astype(jnp.float32)
@@ -386,12 +404,16 @@ def _step_single(
     g_head = mean(g_head, grp[HEAD].params)
     g_embed_of = lambda dx0: mean(embed_vjp(dx0)[0], grp[EMBED].params)
   else:
-    g_head = mean(g_head, rest(grp[HEAD].params))
-    kernel_mean = lambda c, k_c: mean([kernel_grad(c, k_c)], [k_c])[0]
+
+    def kernel_mean(c, k_c):  # (the mean gradient of kernel chunk c, its d h term)
+      dk, dh = head.kernel_grad(c, k_c)
+      return mean([dk], [k_c])[0], dh
+
     embed_mean = lambda dx0: (
-      lambda c, e_c: mean(
-        [_embed_grad_rows(dx0, tokens_BxL, c, ve.shape).astype(e_c.dtype)], [e_c]
-      )[0]
+      lambda c, e_c: (
+        mean([_embed_grad_rows(dx0, tokens_BxL, c, ve.shape).astype(e_c.dtype)], [e_c])[0],
+        (),
+      )
     )
     g_embed_of = None
   read = lambda stacked, i: jax.tree.map(lambda a: a[0], lw.layer_take(stacked, i, n))
@@ -400,6 +422,10 @@ def _step_single(
   k_param = lambda: grp[HEAD].params[k_pos]
 
   dys, scale = None, lambda grads: grads
+  if vocab is not None and max_norm > 0:  # the kernel's norm, and d h for pass 1
+    sq_k, dh = _vocab_sq_norm(vh, kernel_mean, k_param(), head.dh0_BxLxD)
+    g_head, dy = head.backward(dh)
+    g_head = mean(g_head, rest(grp[HEAD].params))
   if max_norm > 0:
     # Pass 1, norms only; each block's output gradient is kept (N x B x L x D, like `xs`).
     def norms(carry, i):
@@ -412,23 +438,28 @@ def _step_single(
     if vocab is None:
       sq = sq + lw.sq_norm(g_embed_of(dx0))
     else:
-      sq = sq + _vocab_sq_norm(ve, embed_mean(dx0), e_param())
-      sq = sq + _vocab_sq_norm(vh, kernel_mean, k_param())
+      sq = sq + _vocab_sq_norm(ve, embed_mean(dx0), e_param())[0] + sq_k
     norm = jnp.sqrt(sq)
     scale = lambda grads: lw.clip_by_norm(grads, norm, max_norm)
-  sq0 = lw.sq_norm(g_head)
   if vocab is None:
+    sq0 = lw.sq_norm(g_head)
     new_head, new_shared = lw.update_group(opt, HEAD, scale(g_head), grp[HEAD], shared)
   else:
+    # The kernel first: its chunks also sum d h (unless pass 1 did), then the final norm.
     h = grp[HEAD]
+    kernel_fn = kernel_mean if max_norm <= 0 else lambda c, k_c: (kernel_mean(c, k_c)[0], ())
+    dh0 = head.dh0_BxLxD if max_norm <= 0 else ()
+    k, e_k, _, sq_k, dh = _vocab_update(
+      opt, vh, kernel_fn, scale, k_param(), [node[k_pos] for node in h.nodes], shared, dh0
+    )
+    if max_norm <= 0:
+      g_head, dy = head.backward(dh)
+      g_head = mean(g_head, rest(h.params))
+    sq0 = lw.sq_norm(g_head) + sq_k
     others = rest(lay.index[HEAD])
     p_o, e_o, new_shared = opt.update(
       others, scale(g_head), rest(h.params), [rest(node) for node in h.nodes], shared
     )
-    k, e_k, _, sq_k = _vocab_update(
-      opt, vh, kernel_mean, scale, k_param(), [node[k_pos] for node in h.nodes], shared
-    )
-    sq0 = sq0 + sq_k
     p_o.insert(k_pos, k)
     e_o = [[*e[:k_pos], x, *e[k_pos:]] for e, x in zip(e_o, e_k)] if h.nodes else []
     new_head = lw.Group(p_o, e_o)
@@ -458,7 +489,7 @@ def _step_single(
     e_pos = lay.index[EMBED].index(ve.j)
     if len(e.params) != 1:
       raise ValueError(f"fused update: the embedding group has {len(e.params)} leaves, not 1.")
-    table, e_e, _, sq_e = _vocab_update(
+    table, e_e, _, sq_e, _ = _vocab_update(
       opt, ve, embed_mean(dx0), scale, e.params[e_pos], [node[e_pos] for node in e.nodes], shared
     )
     new_embed = lw.Group([table], [[x] for x in e_e])
@@ -599,11 +630,13 @@ def make_fused_update(
       logits and their gradient never exist); 0 for full logits.
     vocab_chunk_size: with `loss_chunk_size` and K = 1, at most this many vocabulary entries
       per chunk of the LM head (columns) and the embedding (rows): each chunk's gradient is
-      computed and the chunk updated at once, so neither `[V, D]` gradient exists (the head's
-      logits are computed once more, a chunk at a time). The chunk is the largest that divides
-      the vocabulary and splits the optimizer state (8-bit blocks must not straddle chunks:
-      768 columns and 16,032 rows for LLaMA-3's 128,256 entries with 256-entry blocks).
-      0: whole leaves.
+      computed and the chunk updated at once, so neither `[V, D]` gradient exists; the head's
+      loss is then taken by vocabulary chunks too (an online softmax,
+      `train.losses.vocab_chunked_loss`; the logits are computed twice, a chunk at a time), so
+      no dot reads the whole kernel (on XLA:CPU that would make float32 copies of it). The
+      chunk is the largest that divides the vocabulary and splits the optimizer state (8-bit
+      blocks must not straddle chunks: 768 columns and 16,032 rows for LLaMA-3's 128,256
+      entries with 256-entry blocks). 0: whole leaves.
 
   `loss_mask_BxL` (bool, optional) selects the targets that count, as in
   `train.model.next_token_loss` (instruction data: the response tokens).

@@ -10,6 +10,12 @@ one-hot target, times the GEMMs), so no chunk is recomputed and nothing `[B, L, 
 ever live. The backward only scales the saved gradients by the incoming cotangent.
 
 Evaluation (no differentiation) runs the primal: the loss pass alone, chunk by chunk.
+
+For the fused layer-wise step (`train.fused`, `vocab_chunk_size`) the loss is also available by
+*vocabulary* chunks (`vocab_chunked_loss`: an online softmax over column chunks of the kernel,
+then `vocab_chunk_grads` per chunk), so that no dot ever takes the whole `[D, V]` kernel: on
+XLA:CPU, which has no BF16 dots, such a dot makes a float32 copy of the kernel (and another of
+its transpose for `dloss/dh`), 2.1 GB each at LLaMA-3-8B's 128,256 x 4,096.
 """
 
 from __future__ import annotations
@@ -157,38 +163,63 @@ class SoftmaxStats(NamedTuple):
   lse_BxL1: jax.Array
 
 
-def chunked_loss_and_input_grad(
+def vocab_chunked_loss(
   h_BxLxD: jax.Array,
-  kernel_DxV: jax.Array,
+  columns,
+  num_chunks: int,
   tokens_BxL: jax.Array,
   *,
-  chunk_size: int,
   pad_id: int = 0,
   loss_mask_BxL: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, SoftmaxStats]:
-  """`chunked_next_token_loss` and its gradient in `h`, without the kernel's gradient.
+) -> tuple[jax.Array, jax.Array, SoftmaxStats]:
+  """`chunked_next_token_loss` one vocabulary chunk at a time (an online softmax), no gradient.
 
-  For a step that takes the LM head's gradient later, a vocabulary slice at a time
-  (`kernel_grad_columns`), so that no `[D, V]` gradient exists; arguments as
-  `chunked_next_token_loss`, the same float operations.
+  For a step that never holds the LM head whole in another dtype (XLA:CPU computes BF16 dots in
+  float32, so a dot with the whole `[D, V]` kernel makes a float32 copy of it: 2.1 GB at
+  LLaMA-3-8B): chunk c's logits `h @ columns(c)` (all positions, `C` vocabulary entries) update a
+  running max `m` and sum `s = sum exp(logits - m)` (rescaled by `exp(m_old - m_new)` when the
+  max grows), and the target's logit is picked in the chunk that holds it. Then
+  `nll = log s - (logit_target - m)`, the same value as the one-pass loss up to float32
+  rounding of the rescaling. Gradients: `vocab_chunk_grads`, one chunk at a time, from `stats`.
+
+  Args:
+    h_BxLxD: the final-norm hidden states, in the compute dtype.
+    columns: `c -> kernel_DxC`, columns `c C .. (c + 1) C - 1` of the LM head in the compute
+      dtype (a function, so that the caller decides how a chunk is read: e.g. behind a fence).
+    num_chunks: n, with `n C = V`.
+    tokens_BxL, pad_id, loss_mask_BxL: as `chunked_next_token_loss`.
 
   Returns:
-    `(loss_sum, num_tokens, dh_BxLxD, stats)`: `dh` = d loss_sum / d h (zero at the last
-    position), in h's dtype; `stats` the softmax statistics `kernel_grad_columns` needs.
+    `(loss_sum, num_tokens, stats)`: as `chunked_next_token_loss`, and the softmax statistics.
   """
-  h_CxBxSxD, targets_CxBxS, mask_CxBxS, count = _chunks(
-    h_BxLxD, tokens_BxL, chunk_size, pad_id, loss_mask_BxL
-  )
-  loss, (dh_CxBxSxD, max_CxBxS, lse_CxBxS), _ = _scan_loss(
-    h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS, with_grads=True, dk=False
-  )
-  b, seq, d = h_BxLxD.shape
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, -1, *x.shape[3:])[:, : seq - 1]
-  dh_BxLxD = jnp.pad(unchunk(dh_CxBxSxD), ((0, 0), (0, 1), (0, 0)))
-  return loss, count, dh_BxLxD, SoftmaxStats(unchunk(max_CxBxS), unchunk(lse_CxBxS))
+  targets_BxL1, mask_BxL1 = _targets(tokens_BxL, pad_id, loss_mask_BxL)
+  h_BxL1xD = h_BxLxD[:, :-1]
+
+  def body(carry, c):
+    max_BxL1, sum_BxL1, label_BxL1 = carry
+    kernel_DxC = columns(c)
+    size = kernel_DxC.shape[1]
+    # As nnx.Linear: one dot in the compute dtype, then upcast for the loss.
+    logits_BxL1xC = jnp.dot(h_BxL1xD, kernel_DxC).astype(jnp.float32)
+    new_max_BxL1 = jnp.maximum(max_BxL1, jnp.max(logits_BxL1xC, axis=-1))
+    shifted_BxL1xC = logits_BxL1xC - new_max_BxL1[..., None]
+    sum_BxL1 = sum_BxL1 * jnp.exp(max_BxL1 - new_max_BxL1) + jnp.sum(jnp.exp(shifted_BxL1xC), -1)
+    local_BxL1 = targets_BxL1 - c * size
+    inside_BxL1 = (local_BxL1 >= 0) & (local_BxL1 < size)
+    index = jnp.clip(local_BxL1, 0, size - 1)[..., None]
+    picked_BxL1 = jnp.take_along_axis(logits_BxL1xC, index, axis=-1)[..., 0]
+    return (new_max_BxL1, sum_BxL1, jnp.where(inside_BxL1, picked_BxL1, label_BxL1)), None
+
+  shape = targets_BxL1.shape
+  init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape))
+  (max_BxL1, sum_BxL1, label_BxL1), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  lse_BxL1 = jnp.log(sum_BxL1)
+  loss = jnp.sum(jnp.where(mask_BxL1, lse_BxL1 - (label_BxL1 - max_BxL1), 0.0))
+  count = jnp.sum(mask_BxL1, dtype=jnp.int32)
+  return loss, count, SoftmaxStats(max_BxL1, lse_BxL1)
 
 
-def kernel_grad_columns(
+def vocab_chunk_grads(
   h_BxLxD: jax.Array,
   kernel_DxC: jax.Array,
   stats: SoftmaxStats,
@@ -197,19 +228,22 @@ def kernel_grad_columns(
   *,
   pad_id: int = 0,
   loss_mask_BxL: jax.Array | None = None,
-) -> jax.Array:
-  """float32 d loss_sum / d kernel[:, start:start + C] from `chunked_loss_and_input_grad`'s
-  statistics: the columns' logits are recomputed (`[B, L - 1, C]`, all positions at once).
+) -> tuple[jax.Array, jax.Array]:
+  """float32 d loss_sum / d kernel[:, start:start + C] and this chunk's term of d loss_sum / d h,
+  from `vocab_chunked_loss`'s statistics: the columns' logits are recomputed (`[B, L - 1, C]`).
+
+  `d loss_sum / d h` is the sum of the terms over the chunks (float32; cast it to h's dtype
+  once, as the one-pass loss's dot rounds once).
 
   Args:
-    h_BxLxD: the final-norm hidden states, as given to `chunked_loss_and_input_grad`.
+    h_BxLxD: the final-norm hidden states, as given to `vocab_chunked_loss`.
     kernel_DxC: the kernel's columns `start .. start + C - 1`, in the compute dtype.
-    stats: `chunked_loss_and_input_grad`'s `SoftmaxStats`.
+    stats: `vocab_chunked_loss`'s `SoftmaxStats`.
     tokens_BxL, pad_id, loss_mask_BxL: as there.
     start: the first column (vocabulary id) of the slice; may be traced.
 
   Returns:
-    `[D, C]` float32.
+    `(dk_DxC, dh_BxLxD)`, float32 (`dh` zero at the last position).
   """
   targets_BxL1, mask_BxL1 = _targets(tokens_BxL, pad_id, loss_mask_BxL)
   h_BxL1xD = h_BxLxD[:, :-1]
@@ -218,5 +252,9 @@ def kernel_grad_columns(
   shifted_BxL1xC = logits_BxL1xC - stats.max_BxL1[..., None]
   p_BxL1xC = jnp.exp(shifted_BxL1xC - stats.lse_BxL1[..., None])
   onehot = jax.nn.one_hot(targets_BxL1 - start, kernel_DxC.shape[1], dtype=jnp.float32)
+  # The cotangent reaches the dots in their output dtype, as under autodiff of the full loss.
   g_BxL1xC = jnp.where(mask_BxL1[..., None], p_BxL1xC - onehot, 0.0).astype(h_BxLxD.dtype)
-  return jnp.einsum("bld,blc->dc", h_BxL1xD, g_BxL1xC, preferred_element_type=jnp.float32)
+  f32 = jnp.float32
+  dk_DxC = jnp.einsum("bld,blc->dc", h_BxL1xD, g_BxL1xC, preferred_element_type=f32)
+  dh_BxL1xD = jnp.einsum("blc,dc->bld", g_BxL1xC, kernel_DxC, preferred_element_type=f32)
+  return dk_DxC, jnp.pad(dh_BxL1xD, ((0, 0), (0, 1), (0, 0)))
