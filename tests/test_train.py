@@ -63,7 +63,7 @@ def test_each_config_builds_abstractly(path):
   "field, value, match",
   [
     ("optimizer.name", "sgdw", r"config\.optimizer\.name='sgdw'"),
-    ("optimizer.rank", 10_000, r"config\.optimizer\.rank=10000"),
+    ("optimizer.rank", 0, r"config\.optimizer\.rank=0 must be an int >= 1"),
     ("train.grad_accum_steps", 3, r"config\.train\.batch_size=16 is not divisible"),
     ("train.num_steps", 0, r"config\.train\.num_steps=0"),
     ("data.mode", "stream", r"config\.data\.mode='stream'"),
@@ -75,6 +75,18 @@ def test_config_errors_name_the_field(field, value, match):
   config[section][key] = value
   with pytest.raises(ValueError, match=match):
     trainer.build(config)
+
+
+def test_a_rank_above_a_matrix_is_clipped_with_a_warning_as_in_the_library(caplog):
+  """The trainer follows `galore_jax.galore_targets`: rank 10000 is clipped to each matrix's
+  smaller side (the reference's thin SVD), with a warning where GaLore then holds more than
+  Adam; the library warns alike at init."""
+  config = default.get_config()
+  config.optimizer.rank = 10_000
+  with caplog.at_level("WARNING"):
+    trainer.build(config)
+  assert "config.optimizer.rank=10000" in caplog.text
+  assert "GaLore holds more state than Adam" in caplog.text
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
