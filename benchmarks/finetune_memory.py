@@ -40,7 +40,7 @@ from flax import nnx
 import galore_jax as gj
 from galore_jax.memory import state_bytes, tree_bytes
 from train import fused
-from train.model import Llama, galore_target_mask, llama_config
+from train.model import Llama, llama_config
 
 GB = 1e9
 FINETUNE_RANK = 128  # configs/finetune.py; LLaMA-Factory's GaLore recipe for Llama-3-8B
@@ -50,7 +50,7 @@ PRETRAIN_RANK = 1024  # the paper's 7B pre-training rank (Sec. 5.4, Fig. 1)
 def finetune_optimizer(rank: int) -> optax.GradientTransformation:
   """8-bit GaLore as the fine-tune config builds it (scale 2, gap 500, the model's targets)."""
   return gj.galore_adamw_8bit(
-    2e-5, rank=rank, update_proj_gap=500, scale=2.0, mask=galore_target_mask
+    2e-5, rank=rank, update_proj_gap=500, scale=2.0, mask=gj.llama_galore_mask
   )
 
 

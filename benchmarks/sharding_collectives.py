@@ -45,7 +45,8 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from train import hlo, sharding, trainer  # noqa: E402
+from benchmarks import hlo  # noqa: E402
+from train import sharding, trainer  # noqa: E402
 
 GB = 1e9
 MARKER = "<!-- Tables below: written by benchmarks/sharding_collectives.py -->"

@@ -14,7 +14,7 @@ Parts (run one, or `all`):
   energy     time and captured energy of the exact SVD, the randomized refresh with fixed
              iterations and the adaptive one (`energy_tol`, certified), on spectra 1/k^a
              (a = 0.5, 1, 2), geometric and flat+noise at 2048x5504 r=256 and the 7B shapes
-             r=1024 (`--energy-shapes`), plus the issue's 1/k + noise matrix at 2048x5504.
+             r=1024 (`--energy-shapes`), plus a 1/k + noise matrix at 2048x5504.
 
 Definitions (per matrix, projector P `D x r` on the reduced side of `std`, exact top-r `U_r`):
   energy = ‖Pᵀ G‖² / ‖U_rᵀ G‖²  (1 = as good as the exact SVD for this gradient);
@@ -487,7 +487,7 @@ def part_speed(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # Accuracy-controlled refresh (energy_tol).
 
-# name: (D, E, r) of the `energy` part: the issue's matrix and the 7B attention / MLP shapes.
+# name: (D, E, r) of the `energy` part: the 1/k + noise matrix's and the 7B attention / MLP shapes.
 ENERGY_SHAPES = {
   "2048x5504": (2048, 5504, 256),
   "4096x4096": (4096, 4096, 1024),
@@ -530,7 +530,7 @@ def _energy_rows(g, s_top_sq, r, svd_cpu, args):
   key = jax.random.key(0)
   zeros = jnp.zeros((g.shape[0], r), jnp.float32)
   c_cold = cold.lower(g, zeros, key).compile()
-  # The previous refresh: a cold one of the same matrix (the issue's second update).
+  # The previous refresh: a cold one of the same matrix (as at GaLore's second refresh).
   prev = c_cold(g, zeros, key)
   captured = jax.jit(lambda g, p: jnp.sum(mm(tr(p), g) ** 2))
   variants = [("fixed", dict(power_iters=1)), ("fixed", dict(power_iters=2))]
@@ -564,9 +564,9 @@ def part_energy(args) -> None:
   """Time and captured energy: exact SVD vs randomized fixed and adaptive (`energy_tol`)."""
   print("\n### Accuracy-controlled refresh: time and captured energy vs the exact SVD\n")
   print("Matrices `U diag(s) Vᵀ` (Haar U, V; float32), warm start from a cold randomized refresh")
-  print("of the same matrix (the issue's second update). energy: ‖Pᵀ G‖² / exact top-r energy;")
+  print("of the same matrix (as at GaLore's second refresh). energy: ‖Pᵀ G‖² / exact top-r energy;")
   print("certified: the certificate η̂ (<= energy); CPU s: process CPU seconds, compile excluded,")
-  print(f"best of {args.repeats}. `issue`: singular values 1/k (k <= 600) plus 1e-3 Gaussian")
+  print(f"best of {args.repeats}. `1/k+noise`: singular values 1/k (k <= 600) plus 1e-3 Gaussian")
   print("noise (exact energy from float32 singular values).\n")
   print(
     "| shape | r | spectrum | method | settings | iterations | certified | energy | CPU s |"
@@ -580,9 +580,9 @@ def part_energy(args) -> None:
     v = jnp.linalg.qr(jax.random.normal(jax.random.key(11), (e, n)))[0]
     build = jax.jit(lambda s, u=u, v=v: mm(u * s, tr(v)))
     svd_cpu = None
-    kinds = list(ENERGY_SPECTRA) + (["issue"] if name == "2048x5504" else [])
+    kinds = list(ENERGY_SPECTRA) + (["1/k+noise"] if name == "2048x5504" else [])
     for kind in kinds:
-      if kind == "issue":
+      if kind == "1/k+noise":
         s = np.where(np.arange(n) < 600, 1.0 / (1.0 + np.arange(n)), 0.0)
         noise = 1e-3 * jax.random.normal(jax.random.key(12), (d, e))
         g = build(jnp.asarray(s, jnp.float32)) + noise

@@ -41,6 +41,26 @@ from galore_jax import projection
 from galore_jax.masks import path_names
 from galore_jax.transform import GaLoreState
 
+__all__ = [
+  "Group",
+  "LeafwiseOptimizer",
+  "ProjectedAccumulator",
+  "StateView",
+  "TreeLayout",
+  "check_separable",
+  "clip_by_norm",
+  "layer_put",
+  "layer_take",
+  "leafwise_update",
+  "make_accumulator",
+  "pack",
+  "plan_chunks",
+  "sq_norm",
+  "unpack",
+  "update_group",
+  "update_layer",
+]
+
 
 class TreeLayout:
   """Leaves of a parameter tree, split into named groups, one of them stacked along axis 0.
@@ -84,12 +104,15 @@ class TreeLayout:
     return TreeLayout(params, self.group_of, self.stacked, self.names_fn)
 
   def leaves(self, tree) -> list:
+    """The leaves of a parameter-shaped `tree`, in full-tree order."""
     return self.treedef.flatten_up_to(tree)
 
   def pick(self, g: str, full: list) -> list:
+    """Group g's entries of a full-tree leaf list."""
     return [full[j] for j in self.index[g]]
 
   def put(self, g: str, full: list, part: list) -> list:
+    """A copy of the full-tree list `full` with group g's entries replaced by `part`."""
     out = list(full)
     for j, x in zip(self.index[g], part):
       out[j] = x
@@ -113,7 +136,8 @@ class TreeLayout:
     return jax.tree.structure(tree)
 
 
-def has_prefix(treedef, x) -> bool:
+def _has_prefix(treedef, x) -> bool:
+  """Whether `x` has `treedef`'s structure as a prefix (a parameter-shaped state node)."""
   try:
     treedef.flatten_up_to(x)
   except (ValueError, TypeError):
@@ -127,11 +151,11 @@ class StateView:
   A node is any subtree with the parameters' structure as a prefix (`mu`, `nu`, GaLore's
   projectors, ...); its entries are whatever sits at each parameter position (an array or a
   `MaskedNode`). Everything else (counts, injected hyperparameters) is shared by all leaves.
-  `projectors` holds the node indices of GaLore's bases (see `leaf_projectors`).
+  `projectors` holds the node indices of GaLore's bases (one node per basis).
   """
 
   def __init__(self, state, layout: TreeLayout):
-    is_node = lambda x: has_prefix(layout.treedef, x)
+    is_node = lambda x: _has_prefix(layout.treedef, x)
     flat, self.outer = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_node)
     self.is_node = [is_node(x) for _, x in flat]
     node_paths = [p for (p, _), n in zip(flat, self.is_node) if n]
@@ -149,16 +173,20 @@ class StateView:
       self.projectors = found or None
 
   def split(self, state, leaf_treedef) -> tuple[list[list], list]:
+    """`state` as (per node, its entries flattened up to `leaf_treedef`; shared entries)."""
     outer = self.outer.flatten_up_to(state)
     nodes = [leaf_treedef.flatten_up_to(x) for x, n in zip(outer, self.is_node) if n]
     return nodes, [x for x, n in zip(outer, self.is_node) if not n]
 
   def build(self, nodes: list, shared: list):
+    """The optimizer state from `split`'s two lists (the inverse of `split`)."""
     nodes, shared = iter(nodes), iter(shared)
     return self.outer.unflatten([next(nodes) if n else next(shared) for n in self.is_node])
 
 
-def chunk(tree, i, n: int):
+def _chunk(tree, i, n: int):
+  """The i-th of n equal chunks along the leading axis of every leaf of `tree`."""
+
   def take(a):
     size = a.shape[0] // n
     return lax.dynamic_slice_in_dim(a, i * size, size)
@@ -180,8 +208,8 @@ def layer_take(tree, i, n: int):
   before it runs. Elsewhere the fence is an optimization barrier.
   """
   if jax.default_backend() != "cpu":
-    return lax.optimization_barrier(chunk(tree, i, n))
-  take = lambda tree, i: chunk(tree, i, n)
+    return lax.optimization_barrier(_chunk(tree, i, n))
+  take = lambda tree, i: _chunk(tree, i, n)
   return lax.cond(i >= 0, take, take, tree, i)
 
 
@@ -238,7 +266,7 @@ class LeafwiseOptimizer(NamedTuple):
     return lax.scan(body, init, jnp.arange(n))[0]
 
 
-def leaf_projectors(nodes: list, projectors: tuple | None) -> list:
+def _leaf_projectors(nodes: list, projectors: tuple | None) -> list:
   """Per parameter leaf, the tuple of its GaLore bases (`MaskedNode`s if not projected), from
   the nodes of a `StateView` and its `projectors` indices; None entries without GaLore."""
   if projectors is None:
@@ -246,14 +274,14 @@ def leaf_projectors(nodes: list, projectors: tuple | None) -> list:
   return list(zip(*(nodes[k] for k in projectors)))
 
 
-def is_projected(projectors) -> bool:
-  """Whether a leaf's `leaf_projectors` entry holds bases."""
+def _is_projected(projectors) -> bool:
+  """Whether a leaf's `_leaf_projectors` entry holds bases."""
   return bool(projectors) and not isinstance(projectors[0], optax.MaskedNode)
 
 
-def moment_size(shape, projectors) -> int:
+def _moment_size(shape, projectors) -> int:
   """Entries of the optimizer's per-leaf moments: the leaf's, or GaLore's low-rank ones."""
-  if not is_projected(projectors):
+  if not _is_projected(projectors):
     return math.prod(shape)
   *batch, in_dim, out_dim = shape
   if len(projectors) == 2:
@@ -262,7 +290,7 @@ def moment_size(shape, projectors) -> int:
   return math.prod(batch) * rank * (out_dim if dim == in_dim else in_dim)
 
 
-def splits_evenly(entries: list, n: int, size: int) -> bool:
+def _splits_evenly(entries: list, n: int, size: int) -> bool:
   """Whether n equal chunks of every entry's leading axis are n equal chunks of the leaf.
 
   True for element-wise states (`mu`, `nu` of the leaf's or the low-rank shape), stacked
@@ -285,12 +313,12 @@ def plan_chunks(layout: TreeLayout, nodes: list, projectors: tuple | None) -> di
   Leaves of the head and the embedding larger than the largest block matrix are updated in
   about that many elements at a time, so their float32 optimizer temporaries stay that small.
   """
-  leaf_projs = leaf_projectors(nodes, projectors)
+  leaf_projs = _leaf_projectors(nodes, projectors)
   projs = lambda j: leaf_projs[j] if j < len(leaf_projs) else None
   entries = lambda j: [node[j] for node in nodes]
   n = layout.num_layers
   for j in layout.index[layout.stacked]:
-    if not splits_evenly(entries(j), n, moment_size(layout.shapes[j], projs(j))):
+    if not _splits_evenly(entries(j), n, _moment_size(layout.shapes[j], projs(j))):
       raise ValueError(
         f"layerwise: the optimizer state of {'/'.join(layout.names[j])} "
         f"{jax.tree.map(np.shape, entries(j))} does not split into {n} equal per-block "
@@ -300,10 +328,10 @@ def plan_chunks(layout: TreeLayout, nodes: list, projectors: tuple | None) -> di
   chunks = {}
   for j in [j for g, idx in layout.index.items() if g != layout.stacked for j in idx]:
     shape, size = layout.shapes[j], math.prod(layout.shapes[j])
-    if size <= largest or is_projected(projs(j)):
+    if size <= largest or _is_projected(projs(j)):
       continue
     for c in range(-(-size // largest), shape[0] + 1):
-      if shape[0] % c == 0 and splits_evenly(entries(j), c, size):
+      if shape[0] % c == 0 and _splits_evenly(entries(j), c, size):
         chunks[j] = c
         break
   return chunks
@@ -316,6 +344,7 @@ def clip_by_norm(grads: list, norm, max_norm: float) -> list:
 
 
 def sq_norm(xs: list):
+  """The squared L2 norm of a list of arrays, summed in float32 (for a global-norm clip)."""
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in xs)
 
 
@@ -336,6 +365,7 @@ def unpack(opt: LeafwiseOptimizer, params, opt_state):
 
 
 def pack(opt: LeafwiseOptimizer, full, nodes, shared, groups):
+  """The inverse of `unpack`: (params, optimizer state) with each group's leaves put back."""
   lay = opt.layout
   for g, grp in groups.items():
     full = lay.put(g, full, grp.params)
@@ -345,6 +375,7 @@ def pack(opt: LeafwiseOptimizer, full, nodes, shared, groups):
 
 
 def update_group(opt: LeafwiseOptimizer, g: str, grads: list, grp: Group, shared):
+  """The update of every leaf of group g (not the stacked one): (new `Group`, shared)."""
   new_params, new_nodes, new_shared = opt.update(
     opt.layout.index[g], grads, grp.params, grp.nodes, shared
   )
@@ -370,7 +401,7 @@ def update_layer(
 # Gradient accumulation in GaLore's subspace.
 
 
-def galore_sides(view: StateView, params: list, nodes: list, proj_type: str) -> list:
+def _galore_sides(view: StateView, params: list, nodes: list, proj_type: str) -> list:
   """Per parameter leaf: GaLore's side, or None for leaves GaLore does not project.
 
   The side comes from `proj_type` (a square matrix's side is not visible in the state) and is
@@ -379,8 +410,8 @@ def galore_sides(view: StateView, params: list, nodes: list, proj_type: str) -> 
   if view.projectors is None:
     return [None] * len(params)
   out = []
-  for p, ps in zip(params, leaf_projectors(nodes, view.projectors)):
-    if not is_projected(ps):
+  for p, ps in zip(params, _leaf_projectors(nodes, view.projectors)):
+    if not _is_projected(ps):
       out.append(None)
       continue
     in_dim, out_dim = np.shape(p)[-2:]
@@ -396,7 +427,7 @@ def galore_sides(view: StateView, params: list, nodes: list, proj_type: str) -> 
   return out
 
 
-def accumulator_zeros(p, ps, side: str | None, dtype):
+def _accumulator_zeros(p, ps, side: str | None, dtype):
   """An accumulator: the leaf's shape, or GaLore's low-rank shape for a projected leaf."""
   shape = np.shape(p)
   if side is not None:
@@ -416,6 +447,7 @@ class ProjectedAccumulator(NamedTuple):
   first: Callable  # (group, is_first, grads, params, nodes_fn, p0) -> p0
 
   def add(self, g: str, acc: list, grads: list, p0: list) -> list:
+    """`acc` plus one micro-batch's gradients of group g, projected ones in their subspace."""
     return [
       a + (x if s is None else projection.project(x, ps, s, jnp.float32)).astype(a.dtype)
       for a, x, ps, s in zip(acc, grads, p0, self.sides[g])
@@ -432,16 +464,16 @@ class ProjectedAccumulator(NamedTuple):
 def make_accumulator(opt: LeafwiseOptimizer, full, nodes, shared, grp, proj_type, accum_dtype):
   """(`ProjectedAccumulator`, zero accumulators, initial projectors), per group of `grp`."""
   lay, k_proj = opt.layout, opt.view.projectors
-  sides = {g: lay.pick(g, galore_sides(opt.view, full, nodes, proj_type)) for g in grp}
+  sides = {g: lay.pick(g, _galore_sides(opt.view, full, nodes, proj_type)) for g in grp}
   p0 = {g: [None] * len(sides[g]) for g in grp}
   if k_proj is not None:
     p0 = {
-      g: [ps if s else None for ps, s in zip(leaf_projectors(grp[g].nodes, k_proj), sides[g])]
+      g: [ps if s else None for ps, s in zip(_leaf_projectors(grp[g].nodes, k_proj), sides[g])]
       for g in grp
     }
   zeros = {
     g: [
-      accumulator_zeros(p, ps, s, accum_dtype)
+      _accumulator_zeros(p, ps, s, accum_dtype)
       for p, ps, s in zip(lay.pick(g, full), p0[g], sides[g])
     ]
     for g in grp
@@ -454,7 +486,7 @@ def make_accumulator(opt: LeafwiseOptimizer, full, nodes, shared, grp, proj_type
 
     def compute():
       _, new_nodes, _ = opt.update(lay.index[g], grads, params, nodes_fn(), shared)
-      new = leaf_projectors(new_nodes, k_proj)
+      new = _leaf_projectors(new_nodes, k_proj)
       return [ps if s else None for ps, s in zip(new, sides[g])]
 
     return lax.cond(is_first, compute, lambda: p0)
@@ -481,8 +513,8 @@ def leafwise_update(tx: optax.GradientTransformation, layout: TreeLayout, grads,
     new[name] = Group(p, n)
   n_layers, layers = layout.num_layers, grp[layout.stacked]
   for i in range(n_layers):
-    g_i = [chunk(x, i, n_layers) for x in layout.pick(layout.stacked, g)]
-    p_i = chunk(layers.params, i, n_layers)
+    g_i = [_chunk(x, i, n_layers) for x in layout.pick(layout.stacked, g)]
+    p_i = _chunk(layers.params, i, n_layers)
     layers = update_layer(opt, i, range(len(g_i)), g_i, p_i, layers, shared)
   new[layout.stacked] = layers
   return pack(opt, full, nodes, shared_out, new)

@@ -38,8 +38,9 @@ if MODE in ("multihost", "preempt"):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import galore_jax as gj  # noqa: E402
+from benchmarks import hlo  # noqa: E402
 from configs import default  # noqa: E402
-from train import checkpoint, data, hlo, sharding, trainer  # noqa: E402
+from train import checkpoint, data, sharding, trainer  # noqa: E402
 
 MESHES = ((1, 1), (8, 1), (2, 4), (1, 8))
 STEPS = 4  # update_proj_gap=2: refreshes at counts 0 (cold start) and 2 (warm start)

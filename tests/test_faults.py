@@ -324,14 +324,20 @@ def test_failed_save_is_an_error_and_the_previous_checkpoint_survives(
 
 BAD_CONFIGS = [  # (field, value, what the message says after `config.<field>=<value>`)
   ("optimizer.name", "sgdw", "is not one of"),
-  ("optimizer.proj_type", "diagonal", "is not one of"),
-  ("optimizer.subspace_method", "qr", "is not one of"),
-  ("optimizer.on_refresh", "forget", "is not one of"),
-  ("optimizer.rank", 33, r"must be an int in \[1, 32\]"),  # tiny model: D = 32
-  ("optimizer.rank", 0, r"must be an int in \[1, 32\]"),
-  ("optimizer.update_proj_gap", 0, "must be an int >= 1"),
+  # GaLore's own options: galore_jax's check, with the config field named first.
+  ("optimizer.proj_type", "diagonal", "is refused by galore_jax: proj_type must be one of"),
+  ("optimizer.subspace_method", "qr", "subspace_method must be one of"),
+  ("optimizer.on_refresh", "forget", "on_refresh must be one of"),
+  ("optimizer.rank", 0, "`rank` must be a Python int >= 1"),
+  ("optimizer.update_proj_gap", 0, "`update_proj_gap` must be a Python int >= 1"),
+  ("optimizer.power_iters", 0, "must be an int >= 1", {"optimizer.subspace_method": "randomized"}),
+  (
+    "optimizer.oversample",
+    -1,
+    "must be a Python int >= 0",
+    {"optimizer.subspace_method": "randomized"},
+  ),  # fmt: skip
   ("optimizer.learning_rate", -1e-3, r"must be a number in \(0, inf\)"),
-  ("optimizer.power_iters", -1, "must be an int >= 0"),
   ("optimizer.warmup_fraction", 1.5, r"must be a number in \[0, 1\]"),
   ("optimizer.min_lr_ratio", -0.1, r"must be a number in \[0, 1\]"),
   ("optimizer.b1", 1.0, r"must be a number in \[0, 1\)"),
@@ -340,9 +346,8 @@ BAD_CONFIGS = [  # (field, value, what the message says after `config.<field>=<v
   ("optimizer.weight_decay", -0.1, r"must be a number in \[0, inf\)"),
   ("optimizer.grad_clip_norm", -1.0, r"must be a number in \[0, inf\)"),
   ("optimizer.scale", 0.0, "must be a number > 0"),
-  ("optimizer.oversample", -1, "must be an int >= 0"),
   ("optimizer.projector_dtype", "float8", "is not one of"),
-  ("optimizer.inner", "sgd", "is not one of", {"optimizer.name": "galore"}),
+  ("optimizer.inner", "sgdw", "is not one of", {"optimizer.name": "galore"}),
   ("model.size", "13m", "is not one of"),
   ("model.dtype", "float17", "is not one of"),
   ("model.param_dtype", "int8", "is not one of"),

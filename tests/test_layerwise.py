@@ -79,7 +79,7 @@ def test_update_layer_writes_only_its_layer():
   _, _, shared, grp = lw.unpack(opt, params, state)
   stacked = grp["stack"]
   g = [jnp.ones((1, 8, 12))]
-  p_1 = lw.chunk(stacked.params, 1, N)
+  p_1 = lw._chunk(stacked.params, 1, N)
   new = lw.update_layer(opt, 1, [0], g, p_1, stacked, shared)
   before, after = np.asarray(stacked.params[0]), np.asarray(new.params[0])
   np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])

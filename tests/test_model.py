@@ -10,15 +10,15 @@ import torch
 import transformers
 from flax import nnx
 
+import galore_jax as gj
+from train.checkpoint_io import llama_from_hf
 from train.model import (
   LLAMA_SIZES,
   Llama,
   LlamaConfig,
   count_params,
-  galore_target_mask,
   is_galore_target,
   llama_config,
-  llama_from_hf,
   next_token_loss,
 )
 
@@ -282,8 +282,12 @@ def test_param_paths_target_attn_and_mlp_kernels():
     ]
     assert q.shape == ((2, 32, 32) if scan_layers else (32, 32))
     assert down.shape == ((2, 48, 32) if scan_layers else (48, 32))  # (in, out) = (F, D)
-    mask = galore_target_mask(nnx.state(model, nnx.Param))
-    assert sum(jax.tree.leaves(mask)) == n_kernels
+    # One target rule: the library's mask (what the optimizer and sharding use) selects
+    # exactly the paths `is_galore_target` names, on the state and on its pure-dict arrays.
+    for params in (nnx.state(model, nnx.Param), nnx.state(model, nnx.Param).to_pure_dict()):
+      mask, _ = jax.tree_util.tree_flatten_with_path(gj.llama_galore_mask(params))
+      assert [m for _, m in mask] == [is_galore_target(p) for p, _ in mask]
+      assert sum(m for _, m in mask) == n_kernels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
+from benchmarks import hlo
 from configs import default
-from train import hlo, sharding, trainer
+from train import sharding, trainer
 
 WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 MESHES = ("1x1", "8x1", "2x4", "1x8")

@@ -63,7 +63,7 @@ def test_each_config_builds_abstractly(path):
   "field, value, match",
   [
     ("optimizer.name", "sgdw", r"config\.optimizer\.name='sgdw'"),
-    ("optimizer.rank", 0, r"config\.optimizer\.rank=0 must be an int >= 1"),
+    ("optimizer.rank", 0, r"config\.optimizer\.rank=0 is refused by galore_jax"),
     ("train.grad_accum_steps", 3, r"config\.train\.batch_size=16 is not divisible"),
     ("train.num_steps", 0, r"config\.train\.num_steps=0"),
     ("data.mode", "stream", r"config\.data\.mode='stream'"),

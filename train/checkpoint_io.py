@@ -1,4 +1,8 @@
-"""Hugging Face checkpoint directories in and out: LLaMA-family weights without torch.
+"""Hugging Face LLaMA checkpoints in and out: config and weight conversion, and directories.
+
+`config_from_hf` / `config_to_hf` translate between a transformers `LlamaConfig` (or its
+`config.json`) and ours; `hf_param_keys` maps every HF tensor name to our parameter path.
+`llama_from_hf` builds our model from an in-memory transformers model or state dict.
 
 `load_hf_pretrained` reads a local directory as `transformers` writes it (`config.json` plus
 `model.safetensors`, or shards listed in `model.safetensors.index.json`) with the `safetensors`
@@ -25,9 +29,12 @@ References: GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projectio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +47,7 @@ from jax.typing import DTypeLike
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from train.model import (
-  Llama,
-  LlamaConfig,
-  config_from_hf,
-  config_to_hf,
-  hf_param_keys,
-  is_ignored_hf_key,
-)
+from train.model import Llama, Llama3RopeScaling, LlamaConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,6 +55,262 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.model"  # SentencePiece (LLaMA-1/2, Mistral); LLaMA-3 has none
 _DISK_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion: configs, tensor names, an in-memory transformers model.
+
+# Our per-layer path -> (HF key suffix, transpose torch (out, in) to Flax (in, out)).
+_HF_LAYER_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
+  **{("attn", p, "kernel"): (f"self_attn.{p}.weight", True) for p in ("q_proj", "k_proj")},
+  **{("attn", p, "kernel"): (f"self_attn.{p}.weight", True) for p in ("v_proj", "o_proj")},
+  **{
+    ("mlp", p, "kernel"): (f"mlp.{p}.weight", True) for p in ("gate_proj", "up_proj", "down_proj")
+  },
+  ("input_norm", "scale"): ("input_layernorm.weight", False),
+  ("post_attention_norm", "scale"): ("post_attention_layernorm.weight", False),
+}
+_HF_GLOBAL_KEYS: dict[tuple[str, ...], tuple[str, bool]] = {
+  ("embed", "embedding"): ("model.embed_tokens.weight", False),
+  ("final_norm", "scale"): ("model.norm.weight", False),
+  ("lm_head", "kernel"): ("lm_head.weight", True),
+}
+# Non-parameter buffers some transformers versions put in the state dict.
+_HF_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+# HF config fields that change the computation and the values we model (anything else there,
+# e.g. max_position_embeddings or bos_token_id, does not change the math of a forward pass).
+_HF_MODEL_TYPES = ("llama", "mistral")
+
+
+def config_from_hf(hf_config: Any, **fields: Any) -> LlamaConfig:
+  """Our config from a transformers LLaMA/Mistral config or its ``config.json`` dict.
+
+  Args:
+    hf_config: a transformers ``LlamaConfig`` / ``MistralConfig`` or a plain mapping (the
+      parsed ``config.json``).
+    **fields: ``LlamaConfig`` fields not in an HF config (dtype, param_dtype, scan_layers, ...).
+
+  Returns:
+    The ``LlamaConfig``.
+
+  Raises:
+    ValueError: naming the field, on anything that changes the computation and that we do not
+      model: biases, non-silu activations, dropout, rope types other than default / llama3.
+  """
+  if isinstance(hf_config, Mapping):
+    get = lambda name, default=None: hf_config.get(name, default)
+  else:
+    get = lambda name, default=None: getattr(hf_config, name, default)
+  model_type = get("model_type", "llama")
+  if model_type not in _HF_MODEL_TYPES:
+    raise ValueError(f"model_type={model_type!r} is unsupported (only {_HF_MODEL_TYPES})")
+  for name in ("attention_bias", "mlp_bias"):
+    if get(name, False):
+      raise ValueError(f"{name}={get(name)!r} is unsupported: the model has no biases")
+  if get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act={get('hidden_act')!r} is unsupported (only 'silu')")
+  if get("attention_dropout", 0.0):
+    raise ValueError(f"attention_dropout={get('attention_dropout')} is unsupported (no dropout)")
+  for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
+    if not isinstance(get(name), int):
+      raise ValueError(f"{name}={get(name)!r}: the config needs it as an int")
+  heads, hidden = get("num_attention_heads"), get("hidden_size")
+  head_dim = get("head_dim") or 0
+  # transformers >= 5 keeps rope in `rope_parameters` (`rope_scaling` is an alias); older
+  # versions and most config.json files use `rope_theta` plus `rope_scaling` (or None).
+  rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  scaling = None
+  if rope_type == "llama3":
+    try:
+      scaling = Llama3RopeScaling(
+        *(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor")),
+        int(rope["original_max_position_embeddings"]),
+      )
+    except KeyError as e:
+      raise ValueError(f"rope_scaling={rope} (rope_type 'llama3') lacks {e}") from e
+  elif rope_type != "default":
+    raise ValueError(
+      f"rope_scaling={rope} is unsupported (rope_type {rope_type!r}; only 'default' and 'llama3')"
+    )
+  window = get("sliding_window") if model_type == "mistral" else None
+  return LlamaConfig(
+    vocab_size=get("vocab_size"),
+    hidden_dim=hidden,
+    mlp_dim=get("intermediate_size"),
+    num_heads=heads,
+    num_layers=get("num_hidden_layers"),
+    num_kv_heads=get("num_key_value_heads") or heads,
+    explicit_head_dim=0 if head_dim in (0, hidden // heads) else head_dim,
+    tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+    rms_norm_eps=get("rms_norm_eps", 1e-6),
+    rope_base=float(rope.get("rope_theta", get("rope_theta") or 10000.0)),
+    rope_scaling=scaling,
+    sliding_window=window or 0,
+    init_std=get("initializer_range", 0.02),
+    **fields,
+  )
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+  """The ``config.json`` dict of a ``LlamaForCausalLM`` with our config's shapes and numerics."""
+  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_base}
+  if config.rope_scaling is not None:
+    rope = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+  out = {
+    "architectures": ["MistralForCausalLM" if config.sliding_window else "LlamaForCausalLM"],
+    "model_type": "mistral" if config.sliding_window else "llama",
+    "vocab_size": config.vocab_size,
+    "hidden_size": config.hidden_dim,
+    "intermediate_size": config.mlp_dim,
+    "num_attention_heads": config.num_heads,
+    "num_key_value_heads": config.kv_heads,
+    "num_hidden_layers": config.num_layers,
+    "head_dim": config.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": config.rms_norm_eps,
+    "rope_theta": config.rope_base,
+    "rope_scaling": rope if config.rope_scaling is not None else None,
+    "tie_word_embeddings": config.tie_word_embeddings,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": config.init_std,
+    "torch_dtype": jnp.dtype(config.param_dtype).name,
+  }
+  if config.rope_scaling is not None:
+    # transformers checks original_max_position_embeddings < max_position_embeddings.
+    out["max_position_embeddings"] = 2 * config.rope_scaling.original_max_position_embeddings
+  if config.sliding_window:
+    out["sliding_window"] = config.sliding_window
+  else:
+    out["mlp_bias"] = False
+  return out
+
+
+def hf_param_keys(config: LlamaConfig) -> list[tuple[tuple[Any, ...], str, bool]]:
+  """``(our param path, HF tensor name, transpose)`` for every tensor of a checkpoint.
+
+  With ``scan_layers`` the N layer tensors of one name share one path (stacked ``[N, ...]``),
+  in layer order. A tied model has no ``lm_head.weight``.
+  """
+  globals_ = {p: v for p, v in _HF_GLOBAL_KEYS.items() if p[0] != "lm_head"}
+  if not config.tie_word_embeddings:
+    globals_[("lm_head", "kernel")] = _HF_GLOBAL_KEYS[("lm_head", "kernel")]
+  pairs = [(path, key, t) for path, (key, t) in globals_.items()]
+  for i in range(config.num_layers):
+    prefix = ("layers",) if config.scan_layers else ("layers", i)
+    pairs += [((*prefix, *p), f"model.layers.{i}.{k}", t) for p, (k, t) in _HF_LAYER_KEYS.items()]
+  return pairs
+
+
+def is_ignored_hf_key(key: str, config: LlamaConfig) -> bool:
+  """Tensors a checkpoint may hold that are not parameters of ours (rotary buffers of old
+  transformers versions; the LM head of a tied model, a copy of the embedding)."""
+  return bool(_HF_IGNORED_KEY.search(key)) or (
+    config.tie_word_embeddings and key == "lm_head.weight"
+  )
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+  if hasattr(tensor, "detach"):  # torch: numpy has no bfloat16, so go through float32
+    tensor = tensor.detach().cpu()
+    tensor = tensor.float() if str(tensor.dtype) == "torch.bfloat16" else tensor
+    return tensor.numpy()
+  return np.asarray(tensor)
+
+
+def _hf_params(state_dict: Mapping[str, Any], config: LlamaConfig, abstract: Any) -> dict:
+  """Nested pure-dict params (our layout, ``param_dtype``) from an HF state dict."""
+  expected = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  stacked = lambda path: config.scan_layers and path[0] == "layers"  # [N, ...] under scan
+  pairs = hf_param_keys(config)
+  unexpected = set(state_dict) - {key for _, key, _ in pairs}
+  unexpected = sorted(k for k in unexpected if not is_ignored_hf_key(k, config))
+  if unexpected:
+    raise ValueError(f"unexpected keys in the HF state dict: {unexpected}")
+  arrays: dict[tuple, list] = {}
+  for path, key, transpose in pairs:
+    if key not in state_dict:
+      raise ValueError(f"missing key {key!r} in the HF state dict")
+    array = _to_numpy(state_dict[key])
+    shape = expected[path][1:] if stacked(path) else expected[path]
+    hf_shape = shape[::-1] if transpose else shape
+    if array.shape != hf_shape:
+      raise ValueError(
+        f"shape mismatch for {key!r}: expected {hf_shape} (torch layout, for "
+        f"{'/'.join(map(str, path))} of shape {shape}), got {array.shape}"
+      )
+    arrays.setdefault(path, []).append(jnp.asarray(array.T if transpose else array))
+  nested: dict = {}
+  for path, parts in arrays.items():
+    value = jnp.stack(parts) if stacked(path) else parts[0]
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value.astype(config.param_dtype)
+  return nested
+
+
+def llama_from_hf(
+  model_or_state_dict: Any,
+  hf_config: Any = None,
+  *,
+  dtype: DTypeLike = jnp.float32,
+  param_dtype: DTypeLike = jnp.float32,
+  scan_layers: bool = False,
+  remat_policy: str = "none",
+) -> tuple[LlamaConfig, Llama]:
+  """Our config and model with the weights of a transformers ``LlamaForCausalLM``.
+
+  Torch ``(out, in)`` weights are transposed to Flax ``(in, out)`` kernels and, with
+  ``scan_layers``, stacked to ``[N, in, out]``. Nothing is randomly initialised.
+
+  Args:
+    model_or_state_dict: a ``LlamaForCausalLM`` or its ``state_dict()`` (torch tensors or
+      arrays).
+    hf_config: the transformers ``LlamaConfig``; required with a state dict, defaults to
+      ``model.config`` with a model.
+    dtype, param_dtype, scan_layers, remat_policy: as in ``LlamaConfig``.
+
+  Returns:
+    ``(config, model)``.
+
+  Raises:
+    ValueError: on an HF config we do not model (see ``config_from_hf``), or a missing /
+      unexpected key or a shape mismatch.
+
+  Example::
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(...))
+    config, model = llama_from_hf(hf, scan_layers=True)
+
+  ``load_hf_pretrained`` reads a checkpoint directory without torch.
+  """
+  if hasattr(model_or_state_dict, "state_dict"):
+    hf_config = hf_config if hf_config is not None else model_or_state_dict.config
+    state_dict = model_or_state_dict.state_dict()
+  else:
+    state_dict = model_or_state_dict
+  if hf_config is None:
+    raise ValueError("llama_from_hf needs hf_config when given a state dict")
+  config = config_from_hf(
+    hf_config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scan_layers=scan_layers,
+    remat_policy=remat_policy,
+  )
+  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  params = _hf_params(state_dict, config, abstract)
+  graphdef, state = nnx.split(abstract)
+  nnx.replace_by_pure_dict(state, params)
+  return config, nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint directories (safetensors), without torch.
 
 
 def read_hf_config(path: str | os.PathLike, **fields: Any) -> LlamaConfig:
@@ -302,7 +558,12 @@ def find_tokenizer(path: str | os.PathLike) -> Path:
 
 
 __all__ = [
+  "config_from_hf",
+  "config_to_hf",
   "find_tokenizer",
+  "hf_param_keys",
+  "is_ignored_hf_key",
+  "llama_from_hf",
   "load_hf_pretrained",
   "read_hf_config",
   "save_hf_pretrained",

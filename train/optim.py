@@ -7,6 +7,7 @@ run's length and whether the fused layer-wise step is used, never the whole conf
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,6 @@ from absl import logging
 
 import galore_jax as gj
 from train import lowrank
-from train.model import galore_target_mask
 
 OPTIMIZERS = (
   "galore_adamw",
@@ -66,7 +66,7 @@ def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
     update_proj_gap=o.update_proj_gap,
     scale=o.scale,
     proj_type=o.proj_type,
-    mask=galore_target_mask,
+    mask=gj.llama_galore_mask,
     projector_dtype=jnp.dtype(o.projector_dtype) if o.projector_dtype else None,
     subspace_method=o.subspace_method,
     oversample=o.oversample,
@@ -133,7 +133,7 @@ def make_optimizer(
   elif o.name == "adamw":
     tx = adamw(lr, o)
     if o.target_lr_scale != 1.0:  # (absent at 1: the state and checkpoints stay as they were)
-      tx = optax.chain(tx, optax.masked(optax.scale(o.target_lr_scale), galore_target_mask))
+      tx = optax.chain(tx, optax.masked(optax.scale(o.target_lr_scale), gj.llama_galore_mask))
   elif o.name == "galore":
     if o.inner == "adam":
       inner = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
@@ -178,8 +178,11 @@ def validate_optimizer_config(
   """Errors naming the `config.optimizer` field, for settings of `o` that cannot work with
   `params` (and with the fused layer-wise step, if `fused_update`).
 
-  Every check of an optimizer field is here (called by `trainer.build`, before compiling);
-  each message starts with `config.optimizer.<field>=<value>`.
+  Called by `trainer.build`, before compiling; each message starts with
+  `config.optimizer.<field>=<value>`. The trainer checks its own fields here (learning-rate
+  schedule, AdamW numbers, clipping, `target_lr_scale`, the adapters, and the config's spelling
+  of `projector_dtype` and `energy_tol`); GaLore's options are checked once, by galore_jax,
+  when `_check_galore_options` builds the optimizer.
   """
 
   def fail(field: str, why: str):
@@ -211,9 +214,8 @@ def validate_optimizer_config(
         field,
         f"must be a number in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}.",
       )
-  for field in ("float32_vocab_moments", "align_signs"):
-    if not isinstance(o[field], bool):
-      fail(field, "must be True or False.")
+  if not isinstance(o.float32_vocab_moments, bool):
+    fail("float32_vocab_moments", "must be True or False.")
   if o.target_lr_scale != 1.0 and o.name != "adamw":
     fail("target_lr_scale", f"applies to config.optimizer.name='adamw' only (not {o.name!r}).")
   if o.target_lr_scale != 1.0 and fused_update:
@@ -223,38 +225,59 @@ def validate_optimizer_config(
     return
   if "galore" not in o.name:
     return
-  for field, choices in (
-    ("proj_type", gj.PROJ_TYPES),
-    ("subspace_method", gj.SUBSPACE_METHODS),
-    ("on_refresh", gj.ON_REFRESH),
-    ("projector_dtype", ("", "float32", "bfloat16", "float16")),
-  ):
-    if o[field] not in choices:
-      fail(field, f"is not one of {choices}.")
-  if not _number(o.scale) or o.scale <= 0:
-    fail("scale", "must be a number > 0.")
-  for field, low in (
-    ("update_proj_gap", 1),
-    ("oversample", 0),
-    ("power_iters", 0),
-    ("max_power_iters", 1),
-  ):
-    if not isinstance(o[field], int) or isinstance(o[field], bool) or o[field] < low:
-      fail(field, f"must be an int >= {low}.")
+  # The config's spellings, turned into the library's arguments by `_galore_options`.
+  if o.projector_dtype not in PROJECTOR_DTYPES:
+    fail("projector_dtype", f"is not one of {PROJECTOR_DTYPES}.")
   if not _number(o.energy_tol) or not 0 <= o.energy_tol < 1:
     fail("energy_tol", "must be a number in [0, 1) (0 = off: fixed power_iters).")
-  if o.energy_tol and o.subspace_method != "randomized":
-    fail("energy_tol", "needs subspace_method='randomized' (the exact SVD needs no tolerance).")
-  _check_galore_rank(o, params, fail)
+  # galore_jax accepts any scale (it may be injected); a training run needs a positive one.
+  if not _number(o.scale) or o.scale <= 0:
+    fail("scale", "must be a number > 0.")
+  _check_galore_options(o, params, fail, fused_update)
 
 
-def _check_galore_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
-  """The library's rule, stated once in `galore_jax.galore_targets`: a rank above a matrix's
-  smaller dimension is clipped (as the reference's thin SVD does), with a warning where GaLore
-  would then hold more state than Adam."""
-  if not isinstance(o.rank, int) or isinstance(o.rank, bool) or o.rank < 1:
-    fail("rank", "must be an int >= 1.")
-  rows = gj.galore_targets(params, rank=o.rank, proj_type=o.proj_type, mask=galore_target_mask)
+# `config.optimizer.projector_dtype` values ("" = the parameters' dtype).
+PROJECTOR_DTYPES = ("", "float32", "bfloat16", "float16")
+# The config fields that `_galore_options` hands to galore_jax under their own names.
+_GALORE_FIELDS = (
+  "rank",
+  "update_proj_gap",
+  "scale",
+  "proj_type",
+  "projector_dtype",
+  "subspace_method",
+  "oversample",
+  "power_iters",
+  "on_refresh",
+  "align_signs",
+  "energy_tol",
+  "max_power_iters",
+)
+# The library's hint for `optax.inject_hyperparams` users, which a config does not need.
+_INJECT_HINT = re.compile(r"\s*[;(.]?\s*[Uu]nder optax\.inject_hyperparams.*", re.DOTALL)
+
+
+def _check_galore_options(
+  o: ml_collections.ConfigDict, params: Any, fail: Callable, fused_update: bool
+) -> None:
+  """GaLore's options, validated by galore_jax: the optimizer is built (which checks every
+  option) and its plan made on `params` (`galore_jax.galore_targets`, from shapes only). A
+  ValueError becomes `config.optimizer.<field>=<value> ...`, the field being the first option
+  the library's message names.
+
+  Ranks follow the library's rule: one above a matrix's smaller dimension is clipped (as the
+  reference's thin SVD), with a warning where GaLore would then hold more state than Adam.
+  """
+  try:
+    make_optimizer(o, num_steps=1, fused_update=fused_update)
+    rows = gj.galore_targets(params, rank=o.rank, proj_type=o.proj_type, mask=gj.llama_galore_mask)
+  except ValueError as e:
+    message = str(e).removeprefix("galore: ")
+    named = re.search(rf"\b({'|'.join(_GALORE_FIELDS)})\b", message)
+    message = _INJECT_HINT.sub("", message).rstrip(".") + "."
+    if named and named.group(1) == "energy_tol":  # the config spells the library's None as 0
+      message = message.rstrip(".") + " (config.optimizer.energy_tol=0 means None)."
+    fail(named.group(1) if named else "name", f"is refused by galore_jax: {message}")
   if not any(t.projected for t in rows):
     fail("name", "targets attn/mlp kernels but the model has none.")
   for t in rows:
@@ -263,13 +286,13 @@ def _check_galore_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable
 
 
 def _check_rank(o: ml_collections.ConfigDict, params: Any, fail: Callable) -> None:
-  mask = galore_target_mask(params)
+  """The low-rank baselines' rank (LoRA, ReLoRA, W = BA): at most every target's smaller side."""
+  mask = gj.llama_galore_mask(params)
   dims = [min(p.shape[-2:]) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
   if not dims:
     fail("name", "targets attn/mlp kernels but the model has none.")
   rank_ok = isinstance(o.rank, int) and not isinstance(o.rank, bool) and o.rank >= 1
-  # galore_jax clips a rank above a matrix's smaller dimension (projection.effective_rank, as
-  # the reference's thin SVD); in a training config that is a mistake, so it is refused here.
+  # Factors wider than the matrix they replace would hold more than the matrix itself.
   if not rank_ok or gj.projection.effective_rank(o.rank, min(dims), min(dims)) < o.rank:
     fail(
       "rank",

@@ -38,7 +38,7 @@ each targeted gradient whole (in float32) and runs the same SVD (see
 Example::
 
   mesh = make_mesh(data=2, fsdp=4)
-  specs = param_specs(params, mesh.shape["fsdp"], galore_mask=galore_target_mask(params))
+  specs = param_specs(params, mesh.shape["fsdp"], galore_mask=gj.llama_galore_mask(params))
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import galore_jax as gj
-from train.model import galore_target_mask
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # batch rows are split over every device
@@ -279,14 +278,14 @@ def training_layout(
   proj_type: str = "std",
   shard_projectors: bool = True,
 ) -> Layout:
-  """`make_layout` for a `trainer.TrainState`: GaLore's targets (`model.galore_target_mask`)
+  """`make_layout` for a `trainer.TrainState`: GaLore's targets (`gj.llama_galore_mask`)
   when `galore`, with `proj_type` and `shard_projectors` as in the config's sections."""
   params = abstract_state.params
   return make_layout(
     mesh,
     abstract_state,
     params,
-    galore_mask=galore_target_mask(params) if galore else None,
+    galore_mask=gj.llama_galore_mask(params) if galore else None,
     proj_type=proj_type,
     shard_projectors=shard_projectors,
   )

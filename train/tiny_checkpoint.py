@@ -17,6 +17,11 @@ bundled C4 training text:
 
 The model has grouped-query attention (4 query heads, 2 key/value heads), so fine-tuning it
 exercises the same code as LLaMA-3 or Mistral checkpoints do.
+
+It lives in the trainer (not in `tests/`) because users run it: `train/finetune_example.py`
+builds its base checkpoint with `write_tiny_checkpoint`, and the fine-tuning guide
+(`docs/trainer.md`, `configs/finetune.py`) starts from `python -m train.tiny_checkpoint`. The
+tests reuse its tokenizer builders.
 """
 
 from __future__ import annotations

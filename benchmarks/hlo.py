@@ -1,8 +1,10 @@
 """Collectives of a compiled XLA program, parsed from its optimized HLO text.
 
-For the sharding tests and `benchmarks/sharding_collectives.py`: which all-gathers, all-reduces,
-reduce-scatters ... a compiled step runs, how many bytes each moves, and in which branch of a
-conditional (GaLore's refresh `lax.cond`) or how many times inside a loop (the layer scan).
+Measurement code, not part of the trainer, for `benchmarks/sharding_collectives.py` and the
+sharding tests (`tests/test_sharding.py`, `tests/sharding_worker.py`): which all-gathers,
+all-reduces, reduce-scatters ... a compiled step runs, how many bytes each moves, and in which
+branch of a conditional (GaLore's refresh `lax.cond`) or how many times inside a loop (the
+layer scan).
 
 Example::
 
