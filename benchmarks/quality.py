@@ -174,7 +174,7 @@ def report(root: Path, args) -> None:
   results = finished(root)
   (root / "results.json").write_text(json.dumps(results, indent=1))
   print(f"\nLLaMA-9m, pad mode, {args.steps} steps of {args.batch} x {args.seq_len} tokens")
-  print("| method | setting | best lr | eval ppl (mean) | seed 0 / seed 1 | trainable params "
+  print("| method | setting | best lr | eval ppl (mean) | seed 0 / 1 / ... | trainable params "
         "| weights + state | paper 60M |")  # fmt: skip
   print("|---|---|---|---|---|---|---|---|")
   for method, (desc, fixed, _, paper) in METHODS.items():
@@ -182,8 +182,8 @@ def report(root: Path, args) -> None:
     if b is None:
       continue
     setting = {**fixed, **b["sweep"]}
-    other = [r for r in results if r["method"] == method and r["seed"] == 1]
-    other = [r for r in other if r["sweep"] == b["sweep"]]
+    other = [r for r in results if r["method"] == method and r["seed"] != 0]
+    other = sorted((r for r in other if r["sweep"] == b["sweep"]), key=lambda r: r["seed"])
     ppls = [b["eval_perplexity"], *(r["eval_perplexity"] for r in other)]
     values = grid(results, method)
     at_end = b["sweep"][next(iter(b["sweep"]))] in (values[0], values[-1])
