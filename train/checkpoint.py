@@ -58,6 +58,28 @@ def checksums(state: Any) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in flat}
 
 
+def shapes(state: Any) -> dict[str, str]:
+  """`{array path: "dtype[shape]"}` of every leaf: read before any array on restore."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(state)
+  return {
+    jax.tree_util.keystr(path): f"{jnp.dtype(x.dtype).name}{list(x.shape)}" for path, x in flat
+  }
+
+
+def _shape_mismatch(saved: dict[str, str], want: dict[str, str]) -> str | None:
+  """What differs between a checkpoint's `shapes` and the state this config builds, or None."""
+  missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+  differ = [(k, saved[k], want[k]) for k in want if k in saved and saved[k] != want[k]]
+  if not (missing or extra or differ):
+    return None
+  parts = [f"{k}: checkpoint {a}, this config {b}" for k, a, b in differ[:3]]
+  if missing:
+    parts.append(f"{len(missing)} arrays missing from the checkpoint (e.g. {missing[0]})")
+  if extra:
+    parts.append(f"{len(extra)} arrays not in this config (e.g. {extra[0]})")
+  return "; ".join(parts)
+
+
 class Checkpointer:
   """Saves `TrainState` (params, optimizer state with projectors, step, RNG) and data state.
 
@@ -105,6 +127,7 @@ class Checkpointer:
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_state),
       checksums=ocp.args.JsonSave(checksums(state)),
+      shapes=ocp.args.JsonSave(shapes(state)),
     )
     try:
       self._manager.save(step, args=args)
@@ -132,6 +155,13 @@ class Checkpointer:
   def restore(self, step: int, like: Any) -> tuple[Any, dict]:
     """(state, data_state) of checkpoint `step`, shaped like `like`, checksums verified."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    if (self.directory / str(step) / "shapes").is_dir():  # older checkpoints: none
+      # Compared before any array is read: a failed array restore leaves orbax's reads running
+      # in the background, whose errors are printed long after the one-line message.
+      saved = self._manager.restore(step, args=ocp.args.Composite(shapes=ocp.args.JsonRestore()))
+      differ = _shape_mismatch(saved.shapes, shapes(abstract))
+      if differ:
+        raise CheckpointError(f"its arrays do not match this config's: {differ}")
     items = dict(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
     has_sums = (self.directory / str(step) / "checksums").is_dir()  # older checkpoints: none
     if has_sums:

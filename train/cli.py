@@ -194,6 +194,10 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
       user, status = is_user_error(e)
       if not user or wants_traceback(sys.argv):
         raise
+      # A failed restore leaves orbax's pending reads behind; at exit their coroutines are
+      # collected and Python prints each one's traceback ("Exception ignored in ..."), which
+      # would bury the one line. --verbose keeps them.
+      sys.unraisablehook = lambda _: None
       if status == 2:
         fail(str(e), status)
       fail(f"{type(e).__name__}: {e} (--verbose shows the traceback)", status)
