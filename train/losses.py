@@ -126,5 +126,6 @@ def chunked_next_token_loss(
   h_CxBxSxD = h_BxL1xD.reshape(b, c, s, d).transpose(1, 0, 2, 3)
   targets_CxBxS = targets_BxL1.reshape(b, c, s).transpose(1, 0, 2)
   mask_CxBxS = mask_BxL1.reshape(b, c, s).transpose(1, 0, 2)
-  loss_sum = _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS)
+  with jax.named_scope("chunked_loss"):  # names its ops in profiles
+    loss_sum = _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS)
   return loss_sum, jnp.sum(mask_BxL1, dtype=jnp.int32)
