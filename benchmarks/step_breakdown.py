@@ -47,6 +47,25 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\(
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _DIMS = re.compile(r"\[([\d,]*)\]")
 _CONTAINERS = ("while", "conditional", "call", "async-start", "async-done")
+GPU_NOTE = [
+  "## On a lent GPU (prepared, not yet run)",
+  "",
+  "The same script runs unchanged where `ml_collections` / tfds / grain / transformers are not "
+  "installed (the lent H100/H200): ours then builds the trainer's step from `train.model`, "
+  "`train.losses` and `galore_jax` (constant lr, synthetic right-padded tokens), reads the "
+  "device plane's XLA ops (cuBLAS GEMM custom calls count as matmuls), and skips torch. One "
+  "call measures bf16 MFU against a bf16 8192^3 matmul probe at 60M, 350M and 1B, and the "
+  "GaLore / AdamW step ratio (both optimizers per size, non-refresh steps):",
+  "",
+  "    python benchmarks/step_breakdown.py --sizes 60m,350m,1b --optimizers galore_adamw,adamw \\",
+  "      --dtype bfloat16 --steps 5 --no-torch --out $OUT/step_breakdown_gpu.md",
+  "",
+  "(each size compiles two steps and runs one exact-SVD refresh in warm-up; the 1B GaLore "
+  "refresh is the longest part). It answers: the share of the step in matmuls vs elementwise "
+  "vs copies on the GPU, whether the chunked loss's scan or the optimizer's projections "
+  "(small GEMMs) limit MFU, and how far GaLore's non-refresh step is from AdamW's.",
+  "",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +110,27 @@ def _dot_info(comp: dict[str, tuple], shape: str, rest: str) -> tuple[float, str
   return 2.0 * math.prod(out) * k, label
 
 
+def _gemm_info(comp: dict[str, tuple], shape: str, rest: str) -> tuple[float, str]:
+  """(FLOPs, class) of a GEMM custom call (GPU), from its backend config's dot dimensions."""
+  lhs_name = rest.split(")")[0].split(",")[0].strip().lstrip("%")
+  lhs = _dims(comp[lhs_name][0]) if lhs_name in comp else []
+  out = _dims(shape)  # a (result, workspace) tuple: the first array is the result
+
+  def dims(key: str) -> list[int]:
+    m = re.search(rf'"{key}":\[([^\]]*)\]', rest)
+    return [int(x.strip('" ')) for x in m.group(1).split(",") if x.strip('" ')] if m else []
+
+  k_idx, b_idx = dims("lhs_contracting_dimensions"), dims("lhs_batch_dimensions")
+  if not lhs or not out:
+    return 0.0, ""
+  k = math.prod(lhs[i] for i in k_idx)
+  b = math.prod(lhs[i] for i in b_idx)
+  m = math.prod(d for i, d in enumerate(lhs) if i not in k_idx and i not in b_idx)
+  n = math.prod(out) // max(b * m, 1)
+  label = f"{m}x{k} @ {k}x{n}" + (f" (batch {b})" if b > 1 else "")
+  return 2.0 * math.prod(out) * k, label
+
+
 def _region(op_name: str) -> str:
   if "optimizer" in op_name:
     return "optimizer"
@@ -127,7 +167,9 @@ def classify_hlo(hlo: str) -> dict[str, dict]:
         for s, r in dots:
           f, label = _dot_info(body, s, r)
           flops += f
-      if flops or "custom-call" in ops and "matmul" in rest.lower():
+      if opcode == "custom-call" and re.search(r"gemm|matmul", rest, re.IGNORECASE):
+        flops, label = _gemm_info(comp, shape, rest)
+      if flops or opcode == "custom-call" and re.search(r"gemm|matmul", rest, re.IGNORECASE):
         kind = "matmul"
       elif ops & {"dynamic-slice", "dynamic-update-slice", "gather", "scatter"} and not (
         ops & {"exp", "log", "multiply", "add", "divide", "subtract"}
@@ -165,9 +207,10 @@ def _profile_events(trace_dir: str, known: dict) -> tuple[dict[str, float], dict
       if line.name == "python" or (plane.name.startswith("/device") and "XLA Ops" not in line.name):
         continue
       for ev in line.events:
-        if ev.name in known:
-          ns[ev.name] += ev.duration_ns
-          count[ev.name] += 1
+        name = ev.name.split(" ")[0].lstrip("%")  # GPU op lines may show "%name = ..."
+        if name in known:
+          ns[name] += ev.duration_ns
+          count[name] += 1
     per_plane.append((plane.name.startswith("/device"), ns, count))
   device = [p for p in per_plane if p[0] and p[1]]
   chosen = device or [p for p in per_plane if p[1]]
@@ -251,10 +294,14 @@ def _plain_step(size: str, optimizer: str, dtype: str, batch: int = 16, seq_len:
   return jax.jit(step, donate_argnums=(0,)), state, batches, cfg, batch, seq_len
 
 
-def ours(size: str, optimizer: str, steps: int, dtype: str = "float32", top: int = 12) -> dict:
+def ours(
+  size: str, optimizer: str, steps: int, dtype: str = "float32", top: int = 12, plain: bool = False
+) -> dict:
   import jax  # noqa: PLC0415
 
   try:
+    if plain:
+      raise ImportError("--plain-step")
     step, state, batches, cfg, batch, seq_len = _trainer_step(size, optimizer, dtype)
     how = "train.trainer step"
   except ImportError:
@@ -401,7 +448,7 @@ def theirs(size: str, optimizer: str, steps: int, threads: int) -> dict:
 
 
 def _tables(r: dict, probe: dict[str, float]) -> list[str]:
-  square = next(iter(probe.values()))
+  square = max(v for k, v in probe.items() if k.startswith("square"))
   total = sum(r["cells"].values())
   regions = sorted({reg for reg, _ in r["cells"]})
   kinds = [k for k in KINDS if any(r["cells"].get((reg, k)) for reg in regions)]
@@ -412,7 +459,11 @@ def _tables(r: dict, probe: dict[str, float]) -> list[str]:
     f"Wall {r['wall_s']:.3f} s/step (median, unprofiled); profiled op time {total / 1e3:.3f} "
     f"s/step; model FLOPs {r['model_flops'] / 1e9:.1f} G/step -> {mfu:.0f} GFLOP/s = "
     f"{mfu / square:.0%} of the square-matmul probe"
-    + (f"; XLA cost analysis {r['xla_flops'] / 1e9:.1f} GFLOP" if "xla_flops" in r else "")
+    + (
+      f"; XLA cost analysis {r['xla_flops'] / 1e9:.1f} GFLOP (each loop body once)"
+      if "xla_flops" in r
+      else ""
+    )
     + ".",
     "",
     "| region | " + " | ".join(kinds) + " | total ms | share |",
@@ -456,7 +507,10 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=3, help="timed and profiled steps per contender")
   p.add_argument("--optimizers", default="galore_adamw,adamw")
   p.add_argument("--threads", type=int, default=2, help="torch threads")
+  p.add_argument("--dtype", default="float32", help="ours: compute and parameter dtype")
+  p.add_argument("--top", type=int, default=12, help="ours: list this many most costly HLO ops")
   p.add_argument("--no-torch", action="store_true")
+  p.add_argument("--plain-step", action="store_true", help="ours: the rebuilt step (GPU path)")
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args()
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -473,14 +527,14 @@ def main() -> None:
   except ImportError:
     with_torch = False
   load0 = os.getloadavg()
-  probe = machine.matmul_probe()
-  print(machine.probe_line(probe), flush=True)
+  probe = machine.matmul_probe(dtype=args.dtype)
+  print(machine.probe_line(probe, args.dtype), flush=True)
   body = []
   for size in args.sizes.split(","):
     body += [f"### LLaMA-{size}", ""]
     for opt in args.optimizers.split(","):
-      results = [ours(size, opt, args.steps)]
-      if with_torch and (opt != "galore_adamw" or _has("galore_torch")):
+      results = [ours(size, opt, args.steps, args.dtype, args.top, args.plain_step)]
+      if with_torch and args.dtype == "float32" and (opt != "galore_adamw" or _has("galore_torch")):
         results.append(theirs(size, opt, args.steps, args.threads))
       for r in results:
         table = _tables(r, probe)
@@ -497,7 +551,7 @@ def main() -> None:
     f"Machine: {where}; jax {jax.__version__}; load average {load0[0]:.1f} at start, "
     f"{load1[0]:.1f} at end (shared machine: absolute times are noisy, shares less so).",
     "",
-    machine.probe_line(probe) + ".",
+    machine.probe_line(probe, args.dtype) + ".",
     "",
     "Batch 16 x 256 (bundled sample, pad mode), float32, `configs/default.py` (chunked loss, "
     f"GaLore r=32); {args.steps} profiled steps after warm-up. Cells are ms per step of op "
@@ -505,7 +559,7 @@ def main() -> None:
     "time can exceed wall time where ops overlap. MFU = model FLOPs / wall time / square probe.",
     "",
   ]
-  Path(args.out).write_text("\n".join(header + body))
+  Path(args.out).write_text("\n".join(header + body + GPU_NOTE))
   print(f"wrote {args.out}")
 
 
