@@ -69,8 +69,8 @@ def matmul_probe(repeats: int = 5, dtype: str = "float32") -> dict[str, float]:
   return out
 
 
-def probe_line(probe: dict[str, float], dtype: str = "float32") -> str:
-  return f"{dtype} matmul probe (jitted, best of 5): " + ", ".join(
+def probe_line(probe: dict[str, float], dtype: str = "float32", how: str = "best of 5") -> str:
+  return f"{dtype} matmul probe (jitted, {how}): " + ", ".join(
     f"{name} {gflops:.0f} GFLOP/s" for name, gflops in probe.items()
   )
 

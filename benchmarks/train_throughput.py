@@ -30,7 +30,8 @@ square matmul. Our workers set up glibc malloc as `train.main` does (`train/host
 
 Usage: python benchmarks/train_throughput.py [--sizes 9m,20m] [--steps 8] [--threads 2]
   [--contenders a,b] [--append]; cap the ISA with `XLA_FLAGS=--xla_cpu_max_isa=AVX2
-  ATEN_CPU_CAPABILITY=avx2` (both stacks) to measure AVX2 on an AVX-512 machine.
+  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2` (both stacks)
+  to measure AVX2 on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.md"
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 PEERS = ("torch-galore", "torch-adamw")  # the "vs" columns
-ENV_SHOWN = ("XLA_FLAGS", "ATEN_CPU_CAPABILITY")  # ISA caps of XLA:CPU and torch, if set
+# ISA caps of XLA:CPU, torch's ATen kernels and its BLAS (MKL, oneDNN), where set
+ENV_SHOWN = ("XLA_FLAGS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 # name -> (framework, optimizer, loss chunk size or None for torch)
 CONTENDERS = {
@@ -263,6 +265,11 @@ def run_size(size: str, names: list[str], steps: int, threads: int, tuned_malloc
     log(f"  {size} {name}: ready in {msg[1]:.1f} s (loss_chunk_size={msg[2]})")
     workers[name] = (proc, parent)
   rows = {n: {"step": [], "refresh": [], "faults": [], "chunk": None} for n in names}
+  # The matmul probe runs once per round too, so MFU shares the contenders' neighbours.
+  probe_conn, child = ctx.Pipe()
+  probe_proc = ctx.Process(target=_probe_worker, args=(child,))
+  probe_proc.start()
+  probes = []
   for i in range(steps):
     for name, (_, conn) in workers.items():
       conn.send(("step", i))
@@ -272,14 +279,30 @@ def run_size(size: str, names: list[str], steps: int, threads: int, tuned_malloc
       if CONTENDERS[name][1] == "galore_adamw":
         conn.send(("refresh", i))
         rows[name]["refresh"].append(conn.recv()[0])
+    probe_conn.send("probe")
+    probes.append(probe_conn.recv())
     log(
-      f"  round {i + 1}/{steps}: " + ", ".join(f"{n} {r['step'][-1]:.2f}s" for n, r in rows.items())
+      f"  round {i + 1}/{steps}: "
+      + ", ".join(f"{n} {r['step'][-1]:.2f}s" for n, r in rows.items())
+      + f"; {machine.probe_line(probes[-1])}"
     )
   for name, (proc, conn) in workers.items():
     conn.send(("stop", 0))
     rows[name]["peak_rss"] = conn.recv()
     proc.join()
-  return rows
+  probe_conn.send("stop")
+  probe_proc.join()
+  probe = {k: statistics.median(p[k] for p in probes) for k in probes[0]}
+  return rows, probe
+
+
+def _probe_worker(conn) -> None:
+  from train import host_memory  # noqa: PLC0415
+
+  host_memory.keep_freed_memory()  # as our workers: the probe's outputs do not page-fault
+  machine.matmul_probe(repeats=1)  # compile
+  while conn.recv() == "probe":
+    conn.send(machine.matmul_probe(repeats=3))
 
 
 def _table(size: str, rows: dict, tokens: float, gap: int, probe: dict, cpu: str) -> list[str]:
@@ -295,7 +318,8 @@ def _table(size: str, rows: dict, tokens: float, gap: int, probe: dict, cpu: str
   out = [
     f"### LLaMA-{size}",
     "",
-    f"CPU: {cpu}. {machine.probe_line(probe)}. Model FLOPs {flops / 1e9:.1f} G/step; "
+    f"CPU: {cpu}. {machine.probe_line(probe, 'float32', 'per round: best of 3; median')}. "
+    f"Model FLOPs {flops / 1e9:.1f} G/step; "
     "MFU = model FLOPs / median s/step / square-matmul probe.",
     "",
     "| contender | s/step median (min-max) | non-pad tokens/s | vs torch GaLoreAdamW "
@@ -328,13 +352,6 @@ def _table(size: str, rows: dict, tokens: float, gap: int, probe: dict, cpu: str
   return [*out, "", *[f"- {r}" for r in ratios], ""]
 
 
-def _probe() -> dict[str, float]:
-  """The matmul probe in a fresh process (the driver stays free of jax's threads)."""
-  ctx = mp.get_context("spawn")
-  with ctx.Pool(1) as pool:
-    return pool.apply(machine.matmul_probe)
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sizes", default="9m,20m")
@@ -361,10 +378,9 @@ def main() -> None:
   log = lambda s: (print(s, flush=True), None)[1]  # noqa: E731
   load0 = os.getloadavg()
   cpu = machine.describe()
-  probe = _probe()
-  log(f"{cpu}\n{machine.probe_line(probe)}")
+  log(cpu)
   for size in args.sizes.split(","):
-    rows = run_size(size, names, args.steps, args.threads, not args.plain_malloc, log)
+    rows, probe = run_size(size, names, args.steps, args.threads, not args.plain_malloc, log)
     tokens = _nonpad_tokens(size, args.steps)
     table = _table(size, rows, tokens, gap, probe, cpu)
     print("\n".join(table), flush=True)
@@ -381,7 +397,8 @@ def main() -> None:
     f"{load0[0]:.1f} at start, {load1[0]:.1f} at end (shared machine: the contenders run "
     "interleaved, one step each per round, so the ratios share the same neighbours).",
     "",
-    machine.probe_line(probe) + ".",
+    "Matmul probe: run once per round between the contenders (median over rounds, per size "
+    "in each table).",
     "",
     f"Batch 16 x 256 from the bundled sample (pad mode), float32, {args.steps} timed steps per "
     "contender after a warm-up step and a refresh step; torch with "
