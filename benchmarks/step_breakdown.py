@@ -151,8 +151,16 @@ def _region(op_name: str) -> str:
 def classify_hlo(hlo: str) -> dict[str, dict]:
   """HLO instruction name -> {"kind", "region", "flops", "class"} for every leaf instruction."""
   comps = _parse_computations(hlo)
+  fused = {  # bodies of fusions: their instructions never run as ops of their own
+    m.group(1)
+    for comp in comps.values()
+    for _, opcode, rest in comp.values()
+    if opcode == "fusion" and (m := re.search(r"calls=%([\w.\-]+)", rest))
+  }
   out = {}
-  for comp in comps.values():
+  for comp_name, comp in comps.items():
+    if comp_name in fused:
+      continue
     for name, (shape, opcode, rest) in comp.items():
       if opcode in _CONTAINERS or opcode in ("parameter", "get-tuple-element", "tuple"):
         continue
