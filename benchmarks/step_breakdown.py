@@ -4,8 +4,10 @@ Ours: the trainer's jitted step (`train.trainer.make_train_step`, the state dona
 with `jax.profiler`; every executed op (an XLA:CPU thunk, or a GPU kernel's HLO op) is joined to
 its instruction in the compiled HLO and classified
 
-* by kind: matmul (a `dot` or a fusion around one), transpose/copy, fill (a broadcast constant:
-  zeros), slicing (dynamic-slice / update-slice: scan inputs and outputs), elementwise/reduce;
+* by kind: matmul (a `dot` or a fusion around one), transpose/copy (a copy or transpose, or a
+  fusion XLA rooted at one: a layout change with its producers fused in), fill (a broadcast
+  constant: zeros), slicing (dynamic-slice / update-slice: scan inputs and outputs),
+  elementwise/reduce;
 * by region, from the `jax.named_scope`s of the model and step: the chunked loss's scan
   (`chunked_loss`, its backward fused in), the optimizer, and the model's forward (`jvp`) and
   backward (`transpose(jvp)`) split into attention projections, `sdpa` (scores, softmax,
@@ -183,7 +185,9 @@ def classify_hlo(hlo: str) -> dict[str, dict]:
         ops & {"exp", "log", "multiply", "add", "divide", "subtract"}
       ):
         kind = "slicing"
-      elif ops <= {"copy", "transpose", "bitcast", "reshape", "parameter"}:
+      elif ops <= {"copy", "transpose", "bitcast", "reshape", "parameter"} or (
+        opcode == "fusion" and name.startswith(("copy", "transpose"))  # rooted at a layout change
+      ):
         kind = "transpose/copy"
       elif ops <= {"broadcast", "constant", "parameter", "bitcast", "reshape"}:
         kind = "fill"
