@@ -23,7 +23,15 @@ our weights (so both start from the same point), labels = tokens with pad -> -10
 `galore_torch.GaLoreAdamW` with GaLore on the attention/MLP weights (the reference's rule),
 or `torch.optim.AdamW`, both with the reference's eps 1e-6 and no weight decay.
 
+Every table names the CPU (model, ISA flags, `XLA_FLAGS`) and the float32 matmul probe of
+`benchmarks/machine.py`, and gives each contender's model FLOP utilisation against the probe's
+square matmul. Our workers set up glibc malloc as `train.main` does (`train/host_memory.py`);
+`ours-galore-chunked-plain-malloc` leaves it as it is (the A/B of that setup).
+
 Usage: python benchmarks/train_throughput.py [--sizes 9m,20m] [--steps 8] [--threads 2]
+  [--contenders a,b] [--append]; cap the ISA with `XLA_FLAGS=--xla_cpu_max_isa=AVX2
+  ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2` (both stacks)
+  to measure AVX2 on an AVX-512 machine.
 """
 
 from __future__ import annotations
@@ -32,16 +40,22 @@ import argparse
 import ctypes
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import machine  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "train_throughput.md"
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+PEERS = ("torch-galore", "torch-adamw")  # the "vs" columns
+# ISA caps of XLA:CPU, torch's ATen kernels and its BLAS (MKL, oneDNN), where set
+ENV_SHOWN = ("XLA_FLAGS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 # name -> (framework, optimizer, loss chunk size or None for torch)
 CONTENDERS = {
@@ -49,6 +63,8 @@ CONTENDERS = {
   "ours-galore-full": ("jax", "galore_adamw", 0),
   "ours-adamw-chunked": ("jax", "adamw", -1),
   "ours-adamw-full": ("jax", "adamw", 0),
+  # as ours-galore-chunked, with glibc malloc left as it is (unmaps XLA's temporaries per step)
+  "ours-galore-chunked-plain-malloc": ("jax", "galore_adamw", -1),
   "torch-galore": ("torch", "galore_adamw", None),
   "torch-adamw": ("torch", "adamw", None),
 }
@@ -105,8 +121,7 @@ def _jax_contender(size, optimizer, chunk):
   return (lambda tokens: run(step, tokens)), refresh, config
 
 
-def _torch_contender(size, optimizer, threads, tuned_malloc):
-  import galore_torch  # noqa: PLC0415
+def _torch_contender(size, optimizer, threads, tuned_malloc, device="cpu"):
   import numpy as np  # noqa: PLC0415
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
@@ -151,9 +166,11 @@ def _torch_contender(size, optimizer, threads, tuned_malloc):
       "scale"
     ][i]
   model.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()}, strict=True)
-  model.train()
+  model.to(device).train()
   o = config.optimizer
   if optimizer == "galore_adamw":
+    import galore_torch  # noqa: PLC0415
+
     targets = [
       p for n, p in model.named_parameters() if ("self_attn" in n or "mlp" in n) and p.ndim == 2
     ]
@@ -176,7 +193,7 @@ def _torch_contender(size, optimizer, threads, tuned_malloc):
     opt = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, eps=o.eps, weight_decay=0.0)
 
   def step(tokens):
-    ids = torch.from_numpy(tokens).long()
+    ids = torch.from_numpy(tokens).long().to(device)
     labels = ids.masked_fill(ids == 0, -100)
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
@@ -201,6 +218,10 @@ def _worker(conn, name, size, threads, steps, tuned_malloc):
   sys.path.insert(0, str(ROOT))
   framework, optimizer, chunk = CONTENDERS[name]
   if framework == "jax":
+    if tuned_malloc and not name.endswith("plain-malloc"):  # as `train.main`, before jax starts
+      from train import host_memory  # noqa: PLC0415
+
+      host_memory.keep_freed_memory()
     step, refresh, config = _jax_contender(size, optimizer, chunk)
   else:
     step, refresh, config = _torch_contender(size, optimizer, threads, tuned_malloc)
@@ -244,6 +265,11 @@ def run_size(size: str, names: list[str], steps: int, threads: int, tuned_malloc
     log(f"  {size} {name}: ready in {msg[1]:.1f} s (loss_chunk_size={msg[2]})")
     workers[name] = (proc, parent)
   rows = {n: {"step": [], "refresh": [], "faults": [], "chunk": None} for n in names}
+  # The matmul probe runs once per round too, so MFU shares the contenders' neighbours.
+  probe_conn, child = ctx.Pipe()
+  probe_proc = ctx.Process(target=_probe_worker, args=(child,))
+  probe_proc.start()
+  probes = []
   for i in range(steps):
     for name, (_, conn) in workers.items():
       conn.send(("step", i))
@@ -253,35 +279,63 @@ def run_size(size: str, names: list[str], steps: int, threads: int, tuned_malloc
       if CONTENDERS[name][1] == "galore_adamw":
         conn.send(("refresh", i))
         rows[name]["refresh"].append(conn.recv()[0])
+    probe_conn.send("probe")
+    probes.append(probe_conn.recv())
     log(
-      f"  round {i + 1}/{steps}: " + ", ".join(f"{n} {r['step'][-1]:.2f}s" for n, r in rows.items())
+      f"  round {i + 1}/{steps}: "
+      + ", ".join(f"{n} {r['step'][-1]:.2f}s" for n, r in rows.items())
+      + f"; {machine.probe_line(probes[-1])}"
     )
   for name, (proc, conn) in workers.items():
     conn.send(("stop", 0))
     rows[name]["peak_rss"] = conn.recv()
     proc.join()
-  return rows
+  probe_conn.send("stop")
+  probe_proc.join()
+  probe = {k: statistics.median(p[k] for p in probes) for k in probes[0]}
+  return rows, probe
 
 
-def _table(size: str, rows: dict, tokens: float, gap: int) -> list[str]:
-  torch_tps = None
-  if "torch-galore" in rows:
-    torch_tps = tokens / statistics.median(rows["torch-galore"]["step"])
+def _probe_worker(conn) -> None:
+  from train import host_memory  # noqa: PLC0415
+
+  host_memory.keep_freed_memory()  # as our workers: the probe's outputs do not page-fault
+  machine.matmul_probe(repeats=1)  # compile
+  while conn.recv() == "probe":
+    conn.send(machine.matmul_probe(repeats=3))
+
+
+def _table(size: str, rows: dict, tokens: float, gap: int, probe: dict, cpu: str) -> list[str]:
+  from train.model import llama_config  # noqa: PLC0415
+
+  torch_tps = {}
+  for peer in PEERS:
+    if peer in rows:
+      torch_tps[peer] = tokens / statistics.median(rows[peer]["step"])
+  cfg = _config(size, "adamw", 0)
+  flops = machine.model_flops(llama_config(size), cfg.train.batch_size, cfg.data.seq_len)
+  square = next(iter(probe.values()))
   out = [
     f"### LLaMA-{size}",
     "",
+    f"CPU: {cpu}. {machine.probe_line(probe, 'float32', 'per round: best of 3; median')}. "
+    f"Model FLOPs {flops / 1e9:.1f} G/step; "
+    "MFU = model FLOPs / median s/step / square-matmul probe.",
+    "",
     "| contender | s/step median (min-max) | non-pad tokens/s | vs torch GaLoreAdamW "
+    "| vs torch AdamW | MFU (vs probe) "
     f"| refresh step s | amortised s/step (T={gap}) | minor faults/step | peak RSS |",
-    "|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in rows.items():
     med = statistics.median(r["step"])
     tps = tokens / med
     ref = statistics.median(r["refresh"]) if r["refresh"] else None
     amort = ((gap - 1) * med + ref) / gap if ref is not None else med
-    rel = f"{tps / torch_tps:.2f}x" if torch_tps else "-"
+    rel = [f"{tps / torch_tps[p]:.2f}x" if p in torch_tps else "-" for p in PEERS]
     out.append(
-      f"| {name} | {med:.3f} ({min(r['step']):.3f}-{max(r['step']):.3f}) | {tps:,.0f} | {rel} "
+      f"| {name} | {med:.3f} ({min(r['step']):.3f}-{max(r['step']):.3f}) | {tps:,.0f} "
+      f"| {rel[0]} | {rel[1]} | {flops / med / 1e9 / square:.0%} "
       f"| {f'{ref:.3f}' if ref is not None else '-'} | {amort:.3f} "
       f"| {statistics.median(r['faults']):,.0f} | {r['peak_rss'] / 2**30:.2f} GiB |"
     )
@@ -304,10 +358,12 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=8, help="timed steps per contender")
   p.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses every core)")
   p.add_argument(
-    "--plain-torch-malloc",
+    "--plain-malloc",
     action="store_true",
-    help="leave glibc malloc as it is in the torch workers (default: mmap_max=0, no trim)",
+    help="leave glibc malloc as it is in every worker (default: ours as `train.main` sets it up, "
+    "`train/host_memory.py`; torch with mmap_max=0, no trim)",
   )
+  p.add_argument("--append", action="store_true", help="add this run to --out, keeping the rest")
   p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated names")
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args()
@@ -315,44 +371,54 @@ def main() -> None:
   unknown = [n for n in names if n not in CONTENDERS]
   if unknown:
     raise SystemExit(f"--contenders: unknown {unknown}; known: {list(CONTENDERS)}")
-  sys.path.insert(0, str(ROOT))
   from configs import default  # noqa: PLC0415
 
   gap = default.get_config().optimizer.update_proj_gap
   lines = []
   log = lambda s: (print(s, flush=True), None)[1]  # noqa: E731
   load0 = os.getloadavg()
+  cpu = machine.describe()
+  log(cpu)
   for size in args.sizes.split(","):
-    rows = run_size(size, names, args.steps, args.threads, not args.plain_torch_malloc, log)
+    rows, probe = run_size(size, names, args.steps, args.threads, not args.plain_malloc, log)
     tokens = _nonpad_tokens(size, args.steps)
-    table = _table(size, rows, tokens, gap)
+    table = _table(size, rows, tokens, gap, probe, cpu)
     print("\n".join(table), flush=True)
     lines += table
   load1 = os.getloadavg()
-  cmd = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+  env = " ".join(f"{k}={os.environ[k]}" for k in ENV_SHOWN if k in os.environ)
+  cmd = f"{env} python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
   header = [
-    "# End-to-end train step: ours vs transformers + galore-torch",
+    f"## {cpu}",
     "",
     f"Command: `{cmd.strip()}`",
     "",
-    f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU only; load average "
+    f"Machine: {cpu}, CPU only; load average "
     f"{load0[0]:.1f} at start, {load1[0]:.1f} at end (shared machine: the contenders run "
     "interleaved, one step each per round, so the ratios share the same neighbours).",
+    "",
+    "Matmul probe: run once per round between the contenders (median over rounds, per size "
+    "in each table).",
     "",
     f"Batch 16 x 256 from the bundled sample (pad mode), float32, {args.steps} timed steps per "
     "contender after a warm-up step and a refresh step; torch with "
     f"{args.threads} threads"
     + (
       ""
-      if args.plain_torch_malloc
+      if args.plain_malloc
       else " and glibc told to keep freed memory (the issue's tuned peer: "
-      "`mallopt(M_MMAP_MAX, 0)`, `M_TRIM_THRESHOLD = -1`)"
+      "`mallopt(M_MMAP_MAX, 0)`, `M_TRIM_THRESHOLD = -1`); ours with `train/host_memory.py`'s "
+      "setup as `train.main` does (one arena, no mmap, no trim), except `*-plain-malloc`"
     )
     + ". Non-pad tokens/s = mean non-pad input tokens per batch "
     "/ median s/step. Chunked loss: `train/losses.py` at the default `model.loss_chunk_size`.",
     "",
   ]
-  Path(args.out).write_text("\n".join(header + lines))
+  title = ["# End-to-end train step: ours vs transformers + galore-torch", ""]
+  out = Path(args.out)
+  if args.append and out.exists():
+    title = [out.read_text().rstrip(), ""]
+  out.write_text("\n".join(title + header + lines))
   print(f"wrote {args.out}")
 
 

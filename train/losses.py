@@ -126,7 +126,9 @@ def chunked_next_token_loss(
   h_CxBxSxD, targets_CxBxS, mask_CxBxS, count = _chunks(
     h_BxLxD, tokens_BxL, chunk_size, pad_id, loss_mask_BxL
   )
-  return _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS), count
+  with jax.named_scope("chunked_loss"):  # names its ops in profiles
+    loss_sum = _ce_sum(h_CxBxSxD, kernel_DxV, targets_CxBxS, mask_CxBxS)
+  return loss_sum, count
 
 
 def _targets(tokens_BxL, pad_id, loss_mask_BxL):

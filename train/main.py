@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import cli, dirlock, preemption, trainer
+from train import cli, dirlock, host_memory, preemption, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints and logs.")
@@ -36,6 +36,7 @@ def main(argv):
     print(cli.format_config(_CONFIG.value, cli.config_file(sys.argv[1:])))
     return
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  host_memory.keep_freed_memory()  # before jax starts: no per-step page faults on CPU
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except dirlock.DirectoryInUse as e:

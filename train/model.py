@@ -248,6 +248,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.dtype = dtype
 
+  @jax.named_scope("rms_norm")  # names the ops in profiles (benchmarks/step_breakdown.py)
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x32_BxLxD = x_BxLxD.astype(jnp.float32)
     ms_BxLx1 = jnp.mean(jnp.square(x32_BxLxD), axis=-1, keepdims=True)
@@ -267,6 +268,7 @@ def rope_tables(
   return jnp.cos(emb_LxK), jnp.sin(emb_LxK)
 
 
+@jax.named_scope("rope")
 def apply_rope(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
   """x * cos + rotate_half(x) * sin (HF convention), in float32, returned in x's dtype."""
   x32 = x_BxLxHxK.astype(jnp.float32)
@@ -304,6 +306,7 @@ class Attention(nnx.Module):
     self.v_proj = _linear(c, d, kv_dim, rngs)
     self.o_proj = _linear(c, q_dim, d, rngs)
 
+  @jax.named_scope("attention")
   def __call__(self, x_BxLxD: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
     b, seq, _ = x_BxLxD.shape
     split = lambda y, heads: y.reshape(b, seq, heads, self.head_dim)
@@ -314,9 +317,10 @@ class Attention(nnx.Module):
     window = (self.sliding_window - 1, 0) if self.sliding_window else None
     # No padding mask (as in the reference): with right padding, real positions only see
     # real positions under the causal mask, and pad targets are masked in the loss.
-    out_BxLxHxK = jax.nn.dot_product_attention(
-      q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, local_window_size=window
-    )
+    with jax.named_scope("sdpa"):
+      out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, local_window_size=window
+      )
     return self.o_proj(out_BxLxHxK.reshape(b, seq, self.num_heads * self.head_dim))
 
 
@@ -328,6 +332,7 @@ class MLP(nnx.Module):
     self.up_proj = _linear(c, c.hidden_dim, c.mlp_dim, rngs)
     self.down_proj = _linear(c, c.mlp_dim, c.hidden_dim, rngs)
 
+  @jax.named_scope("mlp")
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     h_BxLxF = jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD)
     return self.down_proj(h_BxLxF)

@@ -554,10 +554,11 @@ def make_train_step(setup: Setup, grad_accum_steps: int, layout: sharding.Layout
     if layout is not None:
       grads = jax.lax.with_sharding_constraint(grads, layout.params)
       opt_state = jax.lax.with_sharding_constraint(opt_state, layout.update_state.opt_state)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    if layout is not None:  # computed replicated; split (a local slice) only when stored
-      opt_state = jax.lax.with_sharding_constraint(opt_state, layout.update_state.opt_state)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("optimizer"):  # names its ops in profiles
+      updates, opt_state = tx.update(grads, opt_state, state.params)
+      if layout is not None:  # computed replicated; split (a local slice) only when stored
+        opt_state = jax.lax.with_sharding_constraint(opt_state, layout.update_state.opt_state)
+      params = optax.apply_updates(state.params, updates)
     rng, key = jax.random.split(state.rng)
     if adapter is not None and adapter.reset_every:
       params, opt_state = jax.lax.cond(
