@@ -23,10 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 
 
-def readme_blocks() -> dict[str, str]:
-  """{heading: code} of the README's ```python blocks, keyed by the heading above each."""
+def readme_blocks(path: Path = README) -> dict[str, str]:
+  """{heading: code} of a page's ```python blocks, keyed by the heading above each."""
   blocks, heading = {}, ""
-  for m in re.finditer(r"^(#+ [^\n]*)$|^```python\n(.*?)^```$", README.read_text(), re.M | re.S):
+  for m in re.finditer(r"^(#+ [^\n]*)$|^```python\n(.*?)^```$", path.read_text(), re.M | re.S):
     if m.group(1):
       heading = m.group(1).lstrip("# ")
     else:
@@ -106,6 +106,17 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_readme_example(wheel, tmp
   assert proc.returncode == 0, proc.stderr
   before, after = (float(x) for x in re.findall(r"loss \w+: ([\d.]+)", proc.stdout))
   assert after < 0.1 * before, proc.stdout
+
+
+LIBRARY_GUIDE = REPO / "docs" / "library.md"
+
+
+@pytest.mark.parametrize("heading", list(readme_blocks(LIBRARY_GUIDE)))
+def test_library_guide_code_runs(heading, tmp_path, monkeypatch):
+  """Every ```python block of docs/library.md runs (each in a fresh namespace)."""
+  monkeypatch.chdir(tmp_path)
+  code = readme_blocks(LIBRARY_GUIDE)[heading]
+  exec(compile(code, f"docs/library.md: {heading}", "exec"), {"__name__": "guide"})
 
 
 @pytest.mark.parametrize("heading", list(readme_blocks()))
