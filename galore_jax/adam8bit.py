@@ -135,8 +135,8 @@ def scale_by_adam_8bit(
     >>> tx = optax.chain(gj.scale_by_adam_8bit(), optax.scale_by_learning_rate(1e-3))
     >>> params = {"w": jnp.ones((64, 128)), "b": jnp.ones((128,))}
     >>> state = tx.init(params)
-    >>> state[0].mu["w"].codes.shape, state[0].mu["b"].dtype
-    ((32, 256), dtype('float32'))
+    >>> state[0].mu["w"].shape, state[0].mu_absmax["w"].shape, state[0].mu["b"].dtype
+    ((32, 256), (32,), dtype('float32'))
 
   References:
     Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
