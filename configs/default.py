@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # parameter (and optimizer-moment) dtype
   c.model.scan_layers = True  # stack layers [N, in, out] and run them with nnx.scan
   c.model.remat_policy = "none"  # activation remat per block: none/full/dots_saveable/...
+  # Attention over chunks of this many queries, each recomputed in the backward pass: the
+  # [B, H, L, L] scores exist one chunk at a time (exact). 0 = all queries at once.
+  c.model.attention_chunk_size = 0
   # Loss over chunks of this many positions (all rows), backward fused in (train/losses.py): the
   # [B, L, V] float32 logits and their gradient never exist. 0 = full logits (the old path).
   c.model.loss_chunk_size = 16

@@ -1,7 +1,7 @@
 """GaLore fine-tuning of a released LLaMA-family checkpoint (paper Sec. 5.6, Table 7).
 
 Run (after `python -m train.tiny_checkpoint --output_dir=/tmp/tiny-llama`, or with any local
-Hugging Face LLaMA-1/2, Mistral directory that has a SentencePiece `tokenizer.model`):
+Hugging Face LLaMA-family directory with a SentencePiece `tokenizer.model` or a `tokenizer.json`):
 
   python -m train.main --config=configs/finetune.py --workdir=runs/ft \
       --config.init_from=/tmp/tiny-llama --config.export_to=runs/ft/hf

@@ -16,6 +16,7 @@ from train.model import (
   LLAMA_SIZES,
   Llama,
   LlamaConfig,
+  chunked_attention,
   count_params,
   is_galore_target,
   llama_config,
@@ -236,12 +237,26 @@ def unrolled_reference():
 
 
 @pytest.mark.parametrize(
-  "scan_layers, remat_policy",
-  [(True, "none"), (True, "full"), (True, "dots_with_no_batch_dims_saveable"), (False, "full")],
+  "scan_layers, remat_policy, attention_chunk_size",
+  [
+    (True, "none", 0),
+    (True, "full", 0),
+    (True, "dots_with_no_batch_dims_saveable", 0),
+    (False, "full", 0),
+    (True, "none", 4),  # 10 positions: chunks of 4, 4 and 2 (+ 2 padded queries)
+    (False, "full", 3),
+  ],
 )
-def test_scan_and_remat_match_unrolled(unrolled_reference, scan_layers, remat_policy):
+def test_scan_and_remat_match_unrolled(
+  unrolled_reference, scan_layers, remat_policy, attention_chunk_size
+):
   ref_model, tokens, (ref_logits, ref_loss, ref_grads) = unrolled_reference
-  model = _relayout(ref_model, scan_layers=scan_layers, remat_policy=remat_policy)
+  model = _relayout(
+    ref_model,
+    scan_layers=scan_layers,
+    remat_policy=remat_policy,
+    attention_chunk_size=attention_chunk_size,
+  )
   logits, loss, grads = _logits_loss_grads(model, tokens)
   if scan_layers:
     ref_grads = _stack_layers(ref_grads, TINY.num_layers)
@@ -251,6 +266,46 @@ def test_scan_and_remat_match_unrolled(unrolled_reference, scan_layers, remat_po
   np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=1e-5)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-6), grads, ref_grads)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("chunk", [8, 16, 36])
+def test_chunked_attention_matches_dense(window, chunk):
+  b, seq, heads, kv_heads, dim = 2, 37, 4, 2, 8  # GQA; 37 is prime: every chunk size pads
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (b, seq, heads, dim))
+  k, v = (jax.random.normal(key, (b, seq, kv_heads, dim)) for key in keys[1:])
+  local = (window - 1, 0) if window else None
+  dense = lambda q, k, v: jax.nn.dot_product_attention(
+    q, k, v, is_causal=True, local_window_size=local
+  )
+  chunked = lambda q, k, v: chunked_attention(q, k, v, chunk, window)
+  loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+  grads = lambda fn: jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+  # The same formulas (each query's softmax over the same masked keys); only XLA's reduction
+  # order differs. A float32 sum of n terms is off by at most n * eps * (sum of |terms|); the
+  # softmax chains two reductions over <= L keys, so n = 2 L, relative to the output's scale.
+  for a, r in zip([chunked(q, k, v), *grads(chunked)], [dense(q, k, v), *grads(dense)]):
+    bound = 2 * seq * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(a, r, rtol=0, atol=bound)
+
+
+def test_chunked_attention_never_holds_the_whole_score_matrix():
+  b, seq, heads, dim, chunk = 1, 1024, 4, 16, 64
+  q = jax.ShapeDtypeStruct((b, seq, heads, dim), jnp.float32)
+  full_scores = b * heads * seq * seq * 4  # one float32 [B, H, L, L]: 16.8 MB
+  # A chunk's scores are 1/16 of that; the chunked backward holds a few such blocks (scores,
+  # softmax and their gradients), so it stays below one whole matrix, which the dense
+  # backward holds several of (the softmax for the backward, and the score gradients).
+
+  def temp(fn):
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2))
+    return jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+  dense = temp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+  chunked = temp(lambda q, k, v: chunked_attention(q, k, v, chunk))
+  assert dense >= 2 * full_scores, dense
+  assert chunked < full_scores, (chunked, dense)
 
 
 def test_param_paths_target_attn_and_mlp_kernels():

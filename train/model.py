@@ -20,6 +20,7 @@ References: GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projectio
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,12 @@ class LlamaConfig:
       every matmul output. "dots_with_no_batch_dims_saveable": keep the weight matmuls (q/k/v/o,
       gate/up/down) but recompute attention scores. "everything_saveable": remat wrapper that
       saves everything (for testing).
+    attention_chunk_size: queries per attention chunk; 0 = all at once. With C > 0 and L > C,
+      the attention runs C queries at a time (each against all keys, under the causal/window
+      mask) and each chunk is recomputed in the backward pass, so the ``[B, H, L, L]`` scores
+      and softmax exist one ``[B, H, C, L]`` slice at a time. Exact (each query's softmax is
+      over the same keys); it trades one extra attention forward in the backward pass for
+      memory, e.g. 2048-token fine-tuning on one device (``benchmarks/finetune_memory.py``).
   """
 
   vocab_size: int
@@ -131,6 +138,7 @@ class LlamaConfig:
   param_dtype: DTypeLike = jnp.float32
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention_chunk_size: int = 0
 
   def __post_init__(self):
     # Normalise dtypes so "bfloat16" (e.g. from a CLI override) works and configs hash equal.
@@ -139,7 +147,7 @@ class LlamaConfig:
     for name in ("vocab_size", "hidden_dim", "mlp_dim", "num_heads", "num_layers"):
       if getattr(self, name) <= 0:
         raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
-    for name in ("num_kv_heads", "explicit_head_dim", "sliding_window"):
+    for name in ("num_kv_heads", "explicit_head_dim", "sliding_window", "attention_chunk_size"):
       if getattr(self, name) < 0:
         raise ValueError(f"LlamaConfig.{name} must be >= 0, got {getattr(self, name)}")
     if self.explicit_head_dim:
@@ -299,7 +307,7 @@ class Attention(nnx.Module):
 
   def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
     self.num_heads, self.kv_heads, self.head_dim = c.num_heads, c.kv_heads, c.head_dim
-    self.sliding_window = c.sliding_window
+    self.sliding_window, self.chunk_size = c.sliding_window, c.attention_chunk_size
     d, q_dim, kv_dim = c.hidden_dim, c.num_heads * c.head_dim, c.kv_heads * c.head_dim
     self.q_proj = _linear(c, d, q_dim, rngs)
     self.k_proj = _linear(c, d, kv_dim, rngs)
@@ -318,10 +326,45 @@ class Attention(nnx.Module):
     # No padding mask (as in the reference): with right padding, real positions only see
     # real positions under the causal mask, and pad targets are masked in the loss.
     with jax.named_scope("sdpa"):
-      out_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, local_window_size=window
-      )
+      if self.chunk_size and seq > self.chunk_size:
+        out_BxLxHxK = chunked_attention(
+          q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, self.chunk_size, self.sliding_window
+        )
+      else:
+        out_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, local_window_size=window
+        )
     return self.o_proj(out_BxLxHxK.reshape(b, seq, self.num_heads * self.head_dim))
+
+
+def chunked_attention(
+  q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, chunk: int, window: int = 0
+) -> jax.Array:
+  """Causal attention `chunk` queries at a time, each chunk recomputed in the backward pass.
+
+  Equal to ``jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=...)``:
+  every query's softmax runs over the same keys (all L, masked to positions <= its own and,
+  with `window` W > 0, > its own - W). Only one ``[B, H, chunk, L]`` block of scores is live
+  at a time, forward or backward (`jax.checkpoint` on the per-chunk function: its residuals
+  are the chunk's queries and the shared keys and values). L need not divide by `chunk`: the
+  queries are padded to a multiple and the padded rows dropped.
+  """
+  b, seq, heads, dim = q_BxLxHxK.shape
+  n = -(-seq // chunk)
+  q_BxPxHxK = jnp.pad(q_BxLxHxK, ((0, 0), (0, n * chunk - seq), (0, 0), (0, 0)))
+  q_NxBxCxHxK = q_BxPxHxK.reshape(b, n, chunk, heads, dim).swapaxes(0, 1)
+  key_pos_L = jnp.arange(seq)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def one(q_BxCxHxK, start):
+    query_pos_C = start + jnp.arange(chunk)
+    mask_CxL = key_pos_L[None, :] <= query_pos_C[:, None]
+    if window:
+      mask_CxL &= key_pos_L[None, :] > query_pos_C[:, None] - window
+    return jax.nn.dot_product_attention(q_BxCxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_CxL[None, None])
+
+  out_NxBxCxHxK = jax.lax.map(lambda a: one(*a), (q_NxBxCxHxK, jnp.arange(n) * chunk))
+  return out_NxBxCxHxK.swapaxes(0, 1).reshape(b, n * chunk, heads, dim)[:, :seq]
 
 
 class MLP(nnx.Module):

@@ -82,6 +82,11 @@ class Setup:
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
+  chunk = config.model.get("attention_chunk_size", 0)
+  return dataclasses.replace(_model_config_from(config), attention_chunk_size=chunk)
+
+
+def _model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
   m = config.model
   if config.get("init_from"):  # shapes and numerics from the checkpoint's config.json
     try:
@@ -164,7 +169,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_ints(
     config,
     0,
-    "model.hidden_dim model.mlp_dim model.num_heads model.num_layers model.loss_chunk_size",
+    "model.hidden_dim model.mlp_dim model.num_heads model.num_layers model.loss_chunk_size "
+    "model.attention_chunk_size",
   )
   for field in ("dtype", "param_dtype"):
     _check_choice(config, f"model.{field}", DTYPES)
