@@ -352,6 +352,7 @@ BAD_CONFIGS = [  # (field, value, what the message says after `config.<field>=<v
   ("model.dtype", "float17", "is not one of"),
   ("model.param_dtype", "int8", "is not one of"),
   ("model.remat_policy", "sometimes", "is not one of"),
+  ("model.attention_chunk_size", -64, "must be an int >= 0"),
   ("model.num_heads", 3, "must split config.model.hidden_dim=32 into heads of even size"),
   ("train.num_steps", 0, "must be an int >= 1"),
   ("train.log_every", 0, "must be an int >= 1"),

@@ -77,6 +77,13 @@ def test_config_errors_name_the_field(field, value, match):
     trainer.build(config)
 
 
+def test_attention_chunk_size_reaches_the_model():
+  config = default.get_config()
+  config.model.attention_chunk_size = 64
+  trainer.validate_config(config)
+  assert trainer.model_config_from(config).attention_chunk_size == 64
+
+
 def test_a_rank_above_a_matrix_is_clipped_with_a_warning_as_in_the_library(caplog):
   """The trainer follows `galore_jax.galore_targets`: rank 10000 is clipped to each matrix's
   smaller side (the reference's thin SVD), with a warning where GaLore then holds more than
