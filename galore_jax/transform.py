@@ -259,9 +259,15 @@ def scale_by_galore(
     max_power_iters: the adaptive iterations' upper bound (an int >= 1; may be injected).
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` with `GaLoreState`. Its `update` takes one extra
-    keyword argument (optax's chains forward it), for a caller that never holds a leaf's whole
-    gradient at once:
+    An `optax.GradientTransformationExtraArgs` with `GaLoreState`. Its `update` takes two extra
+    keyword arguments (optax's chains forward them), for a caller that never holds a leaf's whole
+    gradient at once and updates it by chunks along the axis that GaLore keeps (each chunk one
+    call, with its slice of the low-rank state and the whole projector):
+
+    * `galore_sides`: None, or a tree shaped like the updates, each entry None (the side rule of
+      `proj_type`) or the side (`"in"`, `"out"`, `"both"`, see `galore_jax.projection`) to
+      project that leaf on: a chunk's shape can fall on the other side of the rule than the
+      whole matrix's (e.g. `[D, V / n]` with `V / n < D`), and must be projected as the whole.
 
     * `galore_bases`: None, or a callable `() -> tree` shaped like the updates, each entry None
       (refresh from the gradient, as usual) or the leaf's new bases (an array or a tuple like
@@ -349,10 +355,12 @@ def scale_by_galore(
     projs = per_tree(projectors, plans, treedef, num_bases)
     return GaLoreState(jnp.zeros([], jnp.int32), projs, inner_state, stats)
 
-  def update_fn(updates, state, params=None, *, galore_bases=None, **extra_args):
-    del extra_args  # meant for other transforms of a chain
+  def update_fn(updates, state, params=None, *, galore_bases=None, galore_sides=None, **extra):
+    del extra  # meant for other transforms of a chain
     check_auto_sharding(updates, "gradient")
     leaves, plans, treedef = flat_plans(updates)
+    if galore_sides is not None:
+      plans = [_with_side(pl, s) for pl, s in zip(plans, treedef.flatten_up_to(galore_sides))]
     old = per_leaf(state.projectors, treedef)
     if with_stats:
       old_stats = per_leaf(state.refresh_stats, treedef)
@@ -435,6 +443,18 @@ def scale_by_galore(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _with_side(plan, side):
+  """`plan` with the side given by `galore_sides` (None: unchanged)."""
+  if side is None:
+    return plan
+  if plan is None or side not in projection.SIDES:
+    raise ValueError(
+      f"galore: galore_sides gave {side!r} for a leaf that GaLore "
+      f"{'does not project' if plan is None else 'projects'}; sides are {projection.SIDES}."
+    )
+  return plan._replace(side=side)
 
 
 def _given_bases(bases, old: tuple, align: bool) -> tuple:
