@@ -17,8 +17,10 @@ stacked `[N, in, out]` weights):
    to block i-1;
 4. the embedding is updated last.
 
-So at any time at most one block's gradient exists. The optimizer must be *separable* (each
-leaf's update depends on its own gradient, state and parameter plus shared scalars);
+So at any time at most one block's gradient exists (and with `vocab_chunk_size`, one vocabulary
+chunk's gradient of the head and the embedding, GaLore-projected or not). The optimizer must
+be *separable* (each leaf's update depends on its own gradient, state and parameter plus shared
+scalars);
 `galore_jax.layerwise` calls it one leaf (or one block's slice, or row chunks of the LM head and
 embedding) at a time, so the step count, the schedule and GaLore's refresh predicate are read
 once per step and SVDs run on refresh steps only. The optimizer state is exactly
@@ -322,11 +324,15 @@ def _galore_vocab_chunks(tx, view, layout, whole, param, j, axis, n, chunk, base
   try:
     out = jax.eval_shape(
       lambda p, es, sh: one.update([j], [p], [p], [[e] for e in es], sh, galore_sides=sides)[1],
-      p_c, entries, shared,
+      p_c,
+      entries,
+      shared,
     )
   except (ValueError, TypeError):  # e.g. a transform that does not take galore_sides
     return None
-  same = lambda a, b: jax.tree.map(lambda x, y: (np.shape(x), x.dtype) == (np.shape(y), y.dtype), a, b)
+  same = lambda a, b: jax.tree.map(
+    lambda x, y: (np.shape(x), x.dtype) == (np.shape(y), y.dtype), a, b
+  )
   if not all(jax.tree.leaves(same([[e] for e in entries], out))):
     return None
   return vc
@@ -771,7 +777,13 @@ def make_fused_update(
       no dot reads the whole kernel (on XLA:CPU that would make float32 copies of it). The
       chunk is the largest that divides the vocabulary and splits the optimizer state (8-bit
       blocks must not straddle chunks: 768 columns and 16,032 rows for LLaMA-3's 128,256
-      entries with 256-entry blocks). 0: whole leaves.
+      entries with 256-entry blocks). 0: whole leaves. GaLore on the head or the embedding
+      (its projector on the D side, as `proj_type="std"` puts it for V > D) chunks too: its
+      low-rank moments split like the weight, every chunk uses the whole projector (projected
+      on the leaf's side, `galore_sides`), and a refresh step first sums the `D x D` Gram
+      matrix of the gradient over the chunks (pass A, recomputing each chunk's gradient) and
+      takes its top-r eigenvectors as this step's projector (`galore_bases`); see
+      `_vocab_bases`. Otherwise (e.g. `energy_tol`, a V-side projector) the leaf is whole.
 
   `loss_mask_BxL` (bool, optional) selects the targets that count, as in
   `train.model.next_token_loss` (instruction data: the response tokens).
