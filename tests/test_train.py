@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -227,7 +226,7 @@ def test_galore_over_each_inner_optimizer_trains(data_dir, tmp_path, inner):
 
 def test_galore_vocab_puts_galore_on_the_embedding_and_head():
   """`config.optimizer.galore_vocab`: the embedding and LM head get GaLore's projectors (on D)
-  besides the attention and MLP kernels; validated as a bool, for the GaLore optimizers only."""
+  besides the attention and MLP kernels; for the GaLore optimizers only."""
   config = default.get_config()
   config.model.update(size="9m", hidden_dim=32, mlp_dim=64, num_heads=2, num_layers=2)
   config.optimizer.update(rank=8, galore_vocab=True)
@@ -237,11 +236,10 @@ def test_galore_vocab_puts_galore_on_the_embedding_and_head():
   assert projectors["embed"]["embedding"].shape == (32, 8)
   assert projectors["lm_head"]["kernel"].shape == (32, 8)
   assert projectors["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 8)
-  assert isinstance(projectors["final_norm"]["scale"], optax.MaskedNode)
-  for name, value, match in (("galore_adamw", 1, "must be True or False"), ("adamw", True, "")):
-    config.optimizer.update(name=name, galore_vocab=value)
-    with pytest.raises(ValueError, match=rf"config\.optimizer\.galore_vocab={value!r} {match}"):
-      trainer.build(config)
+  assert not jax.tree.leaves(projectors["final_norm"])  # a MaskedNode: not projected
+  config.optimizer.name = "adamw"
+  with pytest.raises(ValueError, match=r"config\.optimizer\.galore_vocab=True applies to the G"):
+    trainer.build(config)
 
 
 def test_galore_vocab_with_fused_vocab_chunks_trains_like_the_standard_step(data_dir, tmp_path):
