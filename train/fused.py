@@ -208,10 +208,10 @@ def _head_backward(m: _Model, layout: lw.TreeLayout, params: list, x_last, token
 class _VocabChunks(NamedTuple):
   """Leaf `j` (`[V, D]` embedding: rows = 1; `[D, V]` head: rows = D) as `n` vocabulary chunks.
 
-  Every split state entry of the leaf is viewed as `[rows[k], n, -1]` and chunk c is `[:, c]`,
-  reshaped to the entry the optimizer makes for a `[V / n, D]` (`[D, V / n]`) parameter
-  (`shapes`): true for element-wise moments and for block-quantised ones whose blocks do not
-  straddle chunks, which `_vocab_chunks` checks by sizes. A leaf that GaLore projects on its
+  Every split state entry k of the leaf is viewed as `[entry_rows[k], n, -1]` and chunk c is
+  `[:, c]`, reshaped to the entry the optimizer makes for a `[V / n, D]` (`[D, V / n]`)
+  parameter (`shapes`): true for element-wise moments and for block-quantised ones whose blocks
+  do not straddle chunks, which `_vocab_chunks` checks by sizes. A leaf that GaLore projects on its
   D side (`bases`: its projector nodes) has low-rank moments `[r, V]` (head: rows = r) or
   `[V, r]` (rows = 1) that split the same way, and a projector that every chunk uses whole.
   """
@@ -269,9 +269,8 @@ def _vocab_chunks(tx, view: lw.StateView, layout, nodes: list, param, j: int, ax
   whole = [node[j] for node in nodes]
   bases = _projector_nodes(view, whole)
   d = layout.single(j)
-  for n in [n for n in range(1, vocab + 1) if vocab % n == 0 and vocab // n <= max_size]:
-    if n == 1:
-      break
+  candidates = [n for n in range(2, vocab + 1) if vocab % n == 0 and vocab // n <= max_size]
+  for n in candidates if vocab > max_size else []:
     chunk = tuple(vocab // n if a == axis else size for a, size in enumerate(shape))
     if bases:
       vc = _galore_vocab_chunks(tx, view, layout, whole, param, j, axis, n, chunk, bases)
@@ -315,7 +314,8 @@ def _galore_vocab_chunks(tx, view, layout, whole, param, j, axis, n, chunk, base
   p_rows = param.shape[0] if axis == 1 else 1
   vc = _VocabChunks(j, n, axis, p_rows, chunk, shapes, [rows] * len(whole), bases, side)
   d = layout.single(j)
-  shared = view.split(jax.eval_shape(tx.init, d.unflatten([param])), d)[1]
+  whole_param = jax.ShapeDtypeStruct(param.shape, param.dtype)
+  shared = view.split(jax.eval_shape(tx.init, d.unflatten([whole_param])), d)[1]
   one = lw.LeafwiseOptimizer(tx, layout, view, {})
   struct = lambda e, s: jax.ShapeDtypeStruct(np.shape(e) if s is _WHOLE else s, e.dtype)
   entries = [e if s is None else struct(e, s) for e, s in zip(whole, shapes)]
@@ -411,6 +411,12 @@ def _vocab_bases(
   `align_signs` if set), so they equal its vectors up to rounding (the Gram matrix squares the
   gradient's conditioning: see `gram_left_basis`); `subspace_method` is not used for them.
   On other steps the probe returns the current bases and pass A never runs.
+
+  Signs: an eigenvector's sign is as arbitrary as a singular vector's. At the first refresh it
+  would not matter for Adam (moments zero: flipping basis vector i flips row i of `Pᵀ G`, of
+  `m`, and of the update in the subspace, and `P` flips it back; `v` is a square), but with
+  `on_refresh="keep"` later refreshes meet kept moments, so both paths fix the sign the same
+  way, and whole-leaf and chunked steps agree to rounding.
   """
   d, used = one.layout.single(vc.j), []
 
