@@ -25,6 +25,10 @@ tokens, full logits) is printed apart with `--pretrain`.
 Usage:
   python benchmarks/finetune_memory.py [--sizes llama3-8b,7b] [--seq 2048] [--rank 128]
       [--vocab-chunks 0,16384] [--loss-chunk 16] [--pretrain] [--vocab-size 256]
+      [--galore-vocab]
+
+`--galore-vocab` puts GaLore (same rank) on the embedding and LM head too (their projector on
+the D side, low-rank moments `[r, V]` / `[V, r]` split by vocabulary chunks like the weight).
 """
 
 from __future__ import annotations
@@ -47,11 +51,18 @@ FINETUNE_RANK = 128  # configs/finetune.py; LLaMA-Factory's GaLore recipe for Ll
 PRETRAIN_RANK = 1024  # the paper's 7B pre-training rank (Sec. 5.4, Fig. 1)
 
 
-def finetune_optimizer(rank: int) -> optax.GradientTransformation:
-  """8-bit GaLore as the fine-tune config builds it (scale 2, gap 500, the model's targets)."""
-  return gj.galore_adamw_8bit(
-    2e-5, rank=rank, update_proj_gap=500, scale=2.0, mask=gj.llama_galore_mask
+def galore_vocab_mask(params):
+  """The model's targets plus the embedding and the LM head (`--galore-vocab`)."""
+  return jax.tree.map(
+    lambda a, b: a or b, gj.llama_galore_mask(params), gj.llama_vocab_mask(params)
   )
+
+
+def finetune_optimizer(rank: int, galore_vocab: bool = False) -> optax.GradientTransformation:
+  """8-bit GaLore as the fine-tune config builds it (scale 2, gap 500, the model's targets;
+  with `galore_vocab`, the embedding and LM head too)."""
+  mask = galore_vocab_mask if galore_vocab else gj.llama_galore_mask
+  return gj.galore_adamw_8bit(2e-5, rank=rank, update_proj_gap=500, scale=2.0, mask=mask)
 
 
 def finetune_memory(
@@ -63,6 +74,7 @@ def finetune_memory(
   loss_chunk_size: int = 16,
   vocab_chunk_size: int = 0,
   tx: optax.GradientTransformation | None = None,
+  galore_vocab: bool = False,
   **model_overrides,
 ) -> dict:
   """Compiled memory of one fused fine-tune step, in bytes, with the breakdown.
@@ -72,7 +84,8 @@ def finetune_memory(
     rank: GaLore rank of `finetune_optimizer` (ignored with `tx`).
     batch, seq: the token batch's shape.
     loss_chunk_size, vocab_chunk_size: `train.fused.make_fused_update`'s options.
-    tx: the optimizer; default `finetune_optimizer(rank)`.
+    tx: the optimizer; default `finetune_optimizer(rank, galore_vocab)`.
+    galore_vocab: GaLore on the embedding and LM head too (ignored with `tx`).
     **model_overrides: `LlamaConfig` fields (default BF16 weights and activations, scanned).
 
   Returns:
@@ -83,7 +96,7 @@ def finetune_memory(
   config = llama_config(size, **overrides)
   params = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))), nnx.Param)[1]
   params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
-  tx = tx or finetune_optimizer(rank)
+  tx = tx or finetune_optimizer(rank, galore_vocab)
   state = jax.eval_shape(tx.init, params)
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   step = fused.make_fused_update(
@@ -138,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--vocab-chunks", default="0,16384", type=lambda s: s.split(","))
   parser.add_argument("--pretrain", action="store_true", help="also the rank-1024 pre-train row")
   parser.add_argument("--vocab-size", type=int, default=0, help="override (e.g. 256: blocks only)")
+  parser.add_argument(
+    "--galore-vocab", action="store_true", help="GaLore on the embedding and LM head too"
+  )
   args = parser.parse_args(argv)
   print(
     f"jax {jax.__version__}, backend {jax.default_backend()}; BF16 weights, galore_adamw_8bit, "
@@ -146,13 +162,15 @@ def main(argv: list[str] | None = None) -> None:
   rows = []
   for size in args.sizes:
     for vocab_chunk in map(int, args.vocab_chunks):
-      key = (size, args.rank, 1, args.seq, args.loss_chunk, vocab_chunk)
+      name = f"{size}, GaLore on embed + head" if args.galore_vocab else size
+      key = (name, args.rank, 1, args.seq, args.loss_chunk, vocab_chunk)
       r = finetune_memory(
         size,
         rank=args.rank,
         seq=args.seq,
         loss_chunk_size=args.loss_chunk,
         vocab_chunk_size=vocab_chunk,
+        galore_vocab=args.galore_vocab,
         **({"vocab_size": args.vocab_size} if args.vocab_size else {}),
       )
       rows.append((key, r))

@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 8-bit optimizers: embedding and head moments stay float32 (bitsandbytes' advice, see README)
   c.optimizer.float32_vocab_moments = False
   c.optimizer.projector_dtype = ""  # projector storage dtype; "" = parameter dtype
+  # GaLore on the token embedding and LM head too (rank `rank`, projector on the hidden side D):
+  # their optimizer state shrinks from V x D to V x r moments; with
+  # train.fused_vocab_chunk_size the fused step refreshes them by vocabulary chunks.
+  c.optimizer.galore_vocab = False
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 150  # optimizer updates

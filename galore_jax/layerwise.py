@@ -234,32 +234,36 @@ class LeafwiseOptimizer(NamedTuple):
   view: StateView
   chunks: dict
 
-  def update(self, index: list, grads: list, params: list, nodes: list, shared: list):
-    """New (params, nodes, shared) of the leaves `index`; lists are in `index`'s order."""
+  def update(self, index: list, grads: list, params: list, nodes: list, shared: list, **extra):
+    """New (params, nodes, shared) of the leaves `index`; lists are in `index`'s order.
+
+    `extra`: keyword arguments of `tx.update` (optax's extra args, e.g. GaLore's
+    `galore_bases`), passed only when given, for one leaf's tree (`layout.single(j)`).
+    """
     new_params, new_nodes, new_shared = [], [], shared
     for k, j in enumerate(index):
       entries = [node[k] for node in nodes]
       update = self._leaf if self.chunks.get(j, 1) == 1 else self._chunked
-      p, e, new_shared = update(j, grads[k], params[k], entries, shared)
+      p, e, new_shared = update(j, grads[k], params[k], entries, shared, **extra)
       new_params.append(p)
       new_nodes.append(e)
     return new_params, [list(n) for n in zip(*new_nodes)] if nodes else [], new_shared
 
-  def _leaf(self, j: int, grad, param, entries: list, shared: list):
+  def _leaf(self, j: int, grad, param, entries: list, shared: list, **extra):
     d = self.layout.single(j)
     state = self.view.build([d.unflatten([e]) for e in entries], shared)
-    updates, state = self.tx.update(d.unflatten([grad]), state, d.unflatten([param]))
+    updates, state = self.tx.update(d.unflatten([grad]), state, d.unflatten([param]), **extra)
     new_param = optax.apply_updates(d.unflatten([param]), updates)
     new_nodes, new_shared = self.view.split(state, d)
     return d.flatten_up_to(new_param)[0], [n[0] for n in new_nodes], new_shared
 
-  def _chunked(self, j: int, grad, param, entries: list, shared: list):
+  def _chunked(self, j: int, grad, param, entries: list, shared: list, **extra):
     n = self.chunks[j]
 
     def body(carry, i):
       param, entries, _ = carry
       p_i, e_i = layer_take((param, entries), i, n)
-      new_p, new_e, new_shared = self._leaf(j, layer_take(grad, i, n), p_i, e_i, shared)
+      new_p, new_e, new_shared = self._leaf(j, layer_take(grad, i, n), p_i, e_i, shared, **extra)
       return (layer_put(param, new_p, i, n), layer_put(entries, new_e, i, n), new_shared), None
 
     init = (param, entries, shared)

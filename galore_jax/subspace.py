@@ -262,6 +262,35 @@ def align_signs(new_DxR: jax.Array, prev_DxR: jax.Array) -> jax.Array:
   return new_DxR * jnp.where(dots < 0, -1.0, 1.0).astype(new_DxR.dtype)
 
 
+def gram_left_basis(gram_DxD: jax.Array, rank: int) -> jax.Array:
+  """Top-`rank` eigenvectors of a symmetric PSD `G Gᵀ`: the top left singular vectors of `G`.
+
+  For a gradient that exists only as column chunks, `G = [G_1 | ... | G_n]`, the caller sums
+  `G Gᵀ = Σ_c G_c G_cᵀ` (`D x D`, float32) chunk by chunk and gets GaLore's subspace without
+  ever holding `G` (the right singular vectors: the same from `Gᵀ G = Σ_c G_cᵀ G_c` of row
+  chunks). Eigenvectors of `G Gᵀ` span the same top-`r` subspace as the SVD's but are less
+  accurate: a float32 perturbation of `G Gᵀ` of `ε ‖G‖²` moves the `i`-th vector by about
+  `ε ‖G‖² / (σ_i² - σ_{i+1}²)` (Davis–Kahan), against `ε ‖G‖ / (σ_i - σ_{i+1})` for the SVD.
+
+  Args:
+    gram_DxD: `G Gᵀ`, optionally with leading batch axes; computed in float32.
+    rank: `r`, clipped to `D`.
+
+  Returns:
+    Orthonormal `[..., D, r]` float32 basis, largest eigenvalue first, with the canonical sign
+    (`projection.canonical_sign`), so that it equals `svd_projectors`' basis up to rounding.
+
+  Example:
+    >>> import jax.numpy as jnp, galore_jax as gj
+    >>> g = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+    >>> gj.subspace.gram_left_basis(g @ g.T, 2).tolist()
+    [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+  """
+  r = min(rank, gram_DxD.shape[-1])
+  _, vecs = jnp.linalg.eigh(gram_DxD.astype(jnp.float32), symmetrize_input=True)
+  return projection.canonical_sign(vecs[..., ::-1][..., :r])
+
+
 def make_refresh_fn(
   method: str,
   rank: int,

@@ -259,7 +259,24 @@ def scale_by_galore(
     max_power_iters: the adaptive iterations' upper bound (an int >= 1; may be injected).
 
   Returns:
-    An `optax.GradientTransformation` with `GaLoreState`.
+    An `optax.GradientTransformationExtraArgs` with `GaLoreState`. Its `update` takes two extra
+    keyword arguments (optax's chains forward them), for a caller that never holds a leaf's whole
+    gradient at once and updates it by chunks along the axis that GaLore keeps (each chunk one
+    call, with its slice of the low-rank state and the whole projector):
+
+    * `galore_sides`: None, or a tree shaped like the updates, each entry None (the side rule of
+      `proj_type`) or the side (`"in"`, `"out"`, `"both"`, see `galore_jax.projection`) to
+      project that leaf on: a chunk's shape can fall on the other side of the rule than the
+      whole matrix's (e.g. `[D, V / n]` with `V / n < D`), and must be projected as the whole.
+
+    * `galore_bases`: None, or a callable `() -> tree` shaped like the updates, each entry None
+      (refresh from the gradient, as usual) or the leaf's new bases (an array or a tuple like
+      its `GaLoreState.projectors` entries, any float dtype; e.g. the top-`r` eigenvectors of
+      `G Gᵀ` summed over column chunks of `G`, see `subspace.gram_left_basis`). It is called
+      inside the refresh's conditional only, so whatever it computes runs on refresh steps
+      only; the bases get the transform's sign convention (canonical, then `align_signs`) and
+      stand for this step's subspace: `on_refresh` and the update use them as they would an
+      SVD's (with `energy_tol` they are reported as exact: 0 iterations, energy 1).
 
   All options but `inner` are fields of `GaLoreOptions`; the aliases take the same keywords.
 
@@ -338,9 +355,12 @@ def scale_by_galore(
     projs = per_tree(projectors, plans, treedef, num_bases)
     return GaLoreState(jnp.zeros([], jnp.int32), projs, inner_state, stats)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, galore_bases=None, galore_sides=None, **extra):
+    del extra  # meant for other transforms of a chain
     check_auto_sharding(updates, "gradient")
     leaves, plans, treedef = flat_plans(updates)
+    if galore_sides is not None:
+      plans = [_with_side(pl, s) for pl, s in zip(plans, treedef.flatten_up_to(galore_sides))]
     old = per_leaf(state.projectors, treedef)
     if with_stats:
       old_stats = per_leaf(state.refresh_stats, treedef)
@@ -351,9 +371,15 @@ def scale_by_galore(
     base_key = jax.random.fold_in(jax.random.key(o.seed), state.count)
 
     def refresh(canon, old, old_stats):
-      todo = [i for i, pl in enumerate(plans) if pl is not None]
+      given = [None] * len(plans) if galore_bases is None else treedef.flatten_up_to(galore_bases())
+      todo = [i for i, pl in enumerate(plans) if pl is not None and given[i] is None]
       items = [(canon[i], old[i], plans[i].side, jax.random.fold_in(base_key, i)) for i in todo]
       new, new_stats = list(old), list(old_stats)
+      for i in [i for i, pl in enumerate(plans) if pl is not None and given[i] is not None]:
+        new[i] = _given_bases(given[i], old[i], o.align_signs)
+        if with_stats:  # exact, as the SVD's: 0 iterations, all of the energy
+          shape = (*plans[i].canon_shape[:-2], num_bases)
+          new_stats[i] = RefreshStats(jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.float32))
       for i, res in zip(todo, subspace.refresh_leaves(refresh_fn, items, with_stats)):
         if with_stats:
           new[i], per_basis = res
@@ -416,7 +442,35 @@ def scale_by_galore(
     )
     return treedef.unflatten(out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _with_side(plan, side):
+  """`plan` with the side given by `galore_sides` (None: unchanged)."""
+  if side is None:
+    return plan
+  if plan is None or side not in projection.SIDES:
+    raise ValueError(
+      f"galore: galore_sides gave {side!r} for a leaf that GaLore "
+      f"{'does not project' if plan is None else 'projects'}; sides are {projection.SIDES}."
+    )
+  return plan._replace(side=side)
+
+
+def _given_bases(bases, old: tuple, align: bool) -> tuple:
+  """Bases handed to a refresh (`galore_bases`), with the sign convention and dtypes of one that
+  the transform computes: canonical sign, then alignment with `old` when `align`."""
+  bases = (bases,) if not isinstance(bases, (tuple, list)) else tuple(bases)
+  if [b.shape for b in bases] != [p.shape for p in old]:
+    raise ValueError(
+      f"galore: galore_bases gave bases {[b.shape for b in bases]} for projectors "
+      f"{[p.shape for p in old]}."
+    )
+  out = []
+  for b, p in zip(bases, old):
+    b = projection.canonical_sign(b.astype(jnp.float32))
+    out.append((subspace.align_signs(b, p) if align else b).astype(p.dtype))
+  return tuple(out)
 
 
 def check_auto_sharding(tree: Any, where: str) -> None:

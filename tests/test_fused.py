@@ -1,6 +1,7 @@
 """The fused layer-wise update (train/fused.py): the standard step's result, never its memory."""
 
 import dataclasses
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -13,7 +14,7 @@ from jax.extend import core as jax_core
 
 import galore_jax as gj
 from train import fused, losses
-from train.model import Llama, LlamaConfig, next_token_loss
+from train.model import Llama, LlamaConfig, next_token_loss, param_names
 
 # Three scanned blocks with D=32, F=48: q/k/v/o are square, gate/up wide and down tall, so all of
 # GaLore's side cases occur; the embedding and LM head (64 x 32) are updated in two chunks.
@@ -346,14 +347,14 @@ def _check_fused_equals_standard_step(name, k, clip, masked=False, chunk=0, voca
   assert int(state.step) == STEPS
 
 
-def _svd_conds(jaxpr, inside_cond=False):
+def _svd_conds(jaxpr, inside_cond=False, primitive="svd"):
   """(SVDs inside a `cond` branch, SVDs outside any) in a jaxpr, recursively."""
   inside = outside = 0
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "svd":
+    if eqn.primitive.name == primitive:
       inside, outside = inside + inside_cond, outside + (not inside_cond)
     for sub in jax_core.jaxprs_in_params(eqn.params):
-      i, o = _svd_conds(sub, inside_cond or eqn.primitive.name == "cond")
+      i, o = _svd_conds(sub, inside_cond or eqn.primitive.name == "cond", primitive)
       inside, outside = inside + i, outside + o
   return inside, outside
 
@@ -423,3 +424,110 @@ def test_unsupported_settings_raise():
     )
   with pytest.raises(ValueError, match="int >= 0"):
     fused.make_fused_update(CONFIG, adamw, vocab_chunk_size=-1, check_optimizer=False)
+
+
+# GaLore on the embedding and the LM head too, with vocabulary chunks: a 256-entry vocabulary
+# (the rank-8 low-rank moments `[8, 256]` / `[256, 8]` split in chunks of whole 32-entry blocks).
+VOCAB_CONFIG = dataclasses.replace(CONFIG, vocab_size=256)
+
+
+def _vocab_galore_mask(params):
+  """The paper's targets plus the embedding and the LM head."""
+  return jax.tree.map(operator.or_, gj.llama_galore_mask(params), gj.llama_vocab_mask(params))
+
+
+def _vocab_grads(params, tokens):
+  """The float32 gradient of the chunked loss (what a refresh factorises, up to rounding)."""
+  graph = nnx.split(Llama(VOCAB_CONFIG, rngs=nnx.Rngs(0)), nnx.Param)[0]
+
+  def loss(params):
+    model = nnx.merge(graph, params)
+    h = model.hidden_states(tokens)
+    total, count = losses.chunked_next_token_loss(h, model.head_kernel(), tokens, chunk_size=4)
+    return total / count
+
+  return jax.jit(jax.grad(loss))(params)
+
+
+def _conditions(grads, mask, vocab_names) -> tuple[float, float]:
+  """(`‖G‖_F / min_i (σ_i - σ_{i+1})` over every GaLore matrix: the SVD's sensitivity, as
+  `_subspace_condition`; `‖G‖_F² / min_i (σ_i² - σ_{i+1}²)` over the embedding and the LM
+  head: that of the eigenvectors of their Gram matrices), i <= rank."""
+  svd = gram = 0.0
+  for (path, g), m in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(mask)):
+    if not m:
+      continue
+    for g_i in np.asarray(g, np.float64).reshape(-1, *g.shape[-2:]):
+      s = np.append(np.linalg.svd(g_i, compute_uv=False), 0.0)[: RANK + 1]
+      norm = np.linalg.norm(g_i)
+      svd = max(svd, norm / max(np.min(s[:-1] - s[1:]), 1e-300))
+      if param_names(path)[0] in vocab_names:
+        gram = max(gram, norm**2 / max(np.min(s[:-1] ** 2 - s[1:] ** 2), 1e-300))
+  return svd, gram
+
+
+@pytest.mark.parametrize("name, vocab", [("galore_adamw_8bit", 64), ("galore_adamw", 16)])
+def test_galore_on_vocab_leaves_with_vocab_chunks_equals_whole_leaves(name, vocab):
+  """GaLore (rank 8) on the embedding and LM head, updated by vocabulary chunks (4 of 64, or 16
+  of 16: narrower than D = 32, so a chunk alone would be projected on its other side), equals
+  the fused step with whole leaves (`vocab_chunk_size=0`, GaLore's SVD of the whole gradient),
+  step by step from the same state over refresh steps 0 and 2 and steps 1 and 3.
+
+  Tolerance: the whole-leaf step's own, as `_check_fused_equals_standard_step` (`ULPS +
+  VOCAB_ULPS` float32 ulps times `1 +` the SVD's conditioning); on refresh steps plus the Gram
+  path's: its bases move by `‖E‖₂ / min_i (λ_i - λ_{i+1})` with `‖E‖₂ <= (m + c + D) ε ‖G‖²`
+  (float32 Gram sums of `c` chunks of `m`-long dots, Higham's γ_n, and a backward-stable eigh
+  of a `D x D` matrix), i.e. `(m + c + D) ε` times the Gram conditioning (`_conditions`).
+  8-bit codes: equal or adjacent, as there.
+  """
+  galore = dict(rank=RANK, update_proj_gap=GAP, mask=_vocab_galore_mask)
+  q8 = dict(min_8bit_size=0, block_size=32)
+  tx = {
+    "galore_adamw": lambda: gj.galore_adamw(1e-2, weight_decay=0.1, **galore),
+    "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-2, weight_decay=0.1, **galore, **q8),
+  }[name]()
+  params = nnx.split(Llama(VOCAB_CONFIG, rngs=nnx.Rngs(0)), nnx.Param)[1]
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, VOCAB_CONFIG.vocab_size, (4, 16)), jnp.int32)
+  layout = fused._layout(params)
+  view = fused.lw.StateView(tx.init(params), layout)
+  opt = fused.lw.LeafwiseOptimizer(tx, layout, view, {})
+  plan = fused._vocab_plan(opt, view.split(tx.init(params), layout.treedef)[0], params, vocab)
+  n = VOCAB_CONFIG.vocab_size // vocab
+  assert [(plan[g].n, bool(plan[g].bases)) for g in (fused.HEAD, fused.EMBED)] == [(n, True)] * 2
+
+  def make(vocab_chunk_size):
+    update = fused.make_fused_update(
+      VOCAB_CONFIG,
+      tx,
+      loss_chunk_size=4,
+      vocab_chunk_size=vocab_chunk_size,
+      check_optimizer=False,
+    )
+    return update, _compile(update, params, tx.init(params), tokens)
+
+  (_, whole), (chunked_fn, chunked) = make(0), make(vocab)
+  jaxpr = jax.make_jaxpr(chunked_fn)(params, tx.init(params), tokens).jaxpr
+  inside, outside = _svd_conds(jaxpr, primitive="eigh")
+  assert inside == 2 and outside == 0  # pass A (and eigh) on refresh steps only
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  mask = _vocab_galore_mask(params)
+  state = tx.init(params)
+  for step in range(STEPS):
+    new_params, new_state, metrics = whole(copy(params), copy(state), tokens)
+    got_params, got_state, got = chunked(copy(params), copy(state), tokens)
+    rtol = (ULPS + VOCAB_ULPS) * EPS32
+    if step % GAP == 0:
+      svd, gram = _conditions(_vocab_grads(params, tokens), mask, ("embed", "lm_head"))
+      rtol = rtol * (1.0 + svd) + (vocab + n + VOCAB_CONFIG.hidden_dim) * EPS32 * gram
+    np.testing.assert_allclose(got["loss"], metrics["loss"], rtol=(ULPS + VOCAB_ULPS) * EPS32)
+    for (path, a), b in zip(
+      jax.tree_util.tree_flatten_with_path(new_params)[0], jax.tree.leaves(got_params)
+    ):
+      assert _rel(a, b) <= rtol, (step, jax.tree_util.keystr(path), _rel(a, b), rtol)
+    (q_ref, f_ref, _), (q, f, _) = _codes_and_floats(new_state), _codes_and_floats(got_state)
+    for a, b in zip(f_ref, f):
+      assert _rel(a, b) <= rtol, (step, a.shape, _rel(a, b), rtol)
+    for a, b in zip(q_ref, q):
+      assert np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32)).max() <= 1, step
+    params, state = new_params, new_state

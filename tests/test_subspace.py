@@ -345,3 +345,29 @@ def test_reset_zeroes_moments_of_projected_leaves_only():
   np.testing.assert_allclose(after.mu["b"], 0.9 * before.mu["b"] + 0.1 * g_b, rtol=1e-6)
   np.testing.assert_allclose(after.nu["b"], 0.999 * before.nu["b"] + 0.001 * g_b**2, rtol=1e-6)
   assert int(after.count) == 3  # bias correction keeps counting
+
+
+def test_gram_basis_of_column_chunks_equals_the_svd_of_the_whole_matrix():
+  """`gram_left_basis(Σ_c G_c G_cᵀ)` over column chunks: the SVD's top-r subspace and vectors.
+
+  Davis–Kahan: a perturbation `E` of `A = G Gᵀ` moves the top-r subspace by `sin θ <=
+  ‖E‖₂ / (λ_r - λ_{r+1})` and vector i by about `‖E‖₂ / min_j |λ_i - λ_j|`. Float32 sums of
+  `c` chunk products of `m`-long dots and eigh's backward error give `‖E‖₂ <= (m + c + D) ε ‖G‖²`
+  (Higham's γ_n for each entry's sum, a backward-stable eigh); the SVD's own error,
+  `~D ε ‖G‖ / gap_σ`, is smaller. Spectrum: top r in [1, 2] with gaps of at least 0.1, then 0.1.
+  """
+  d, e, r, chunks = 24, 96, 6, 4
+  s = np.concatenate([np.linspace(2.0, 1.0, r + 1)[:r], np.full(d - r, 0.1)])
+  g, _ = _with_spectrum(7, (), d, e, s)
+  g = jnp.asarray(g)
+  gram = sum(c @ c.T for c in jnp.split(g, chunks, axis=1))
+  p = subspace.gram_left_basis(gram, r)
+  (q,) = projection.svd_projectors(g, "in", r)
+  eps = float(np.finfo(np.float32).eps)
+  pert = (e // chunks + chunks + d) * eps * s[0] ** 2
+  lam = s**2
+  sin_theta = np.linalg.norm(np.asarray(p @ p.T - q @ q.T), 2)
+  assert sin_theta <= pert / (lam[r - 1] - lam[r]), sin_theta
+  vector_gap = np.min(lam[:r] - lam[1 : r + 1])
+  np.testing.assert_allclose(p, q, atol=pert / vector_gap)
+  assert p.shape == (d, r) and p.dtype == jnp.float32

@@ -229,3 +229,36 @@ def test_galore_over_each_inner_optimizer_trains(data_dir, tmp_path, inner):
   records = trainer.load_metrics(tmp_path / inner)
   losses = [r["loss"] for r in records if "loss" in r]
   assert np.isfinite(final["eval_loss"]) and losses[-1] < losses[0], (inner, losses)
+
+
+def test_galore_vocab_puts_galore_on_the_embedding_and_head():
+  """`config.optimizer.galore_vocab`: the embedding and LM head get GaLore's projectors (on D)
+  besides the attention and MLP kernels; for the GaLore optimizers only."""
+  config = default.get_config()
+  config.model.update(size="9m", hidden_dim=32, mlp_dim=64, num_heads=2, num_layers=2)
+  config.optimizer.update(rank=8, galore_vocab=True)
+  setup = trainer.build(config)
+  _, params = nnx.split(nnx.eval_shape(lambda: Llama(setup.model_config, rngs=nnx.Rngs(0))))
+  projectors = jax.eval_shape(setup.tx.init, params)[0].projectors[0]
+  assert projectors["embed"]["embedding"].shape == (32, 8)
+  assert projectors["lm_head"]["kernel"].shape == (32, 8)
+  assert projectors["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 8)
+  assert not jax.tree.leaves(projectors["final_norm"])  # a MaskedNode: not projected
+  config.optimizer.name = "adamw"
+  with pytest.raises(ValueError, match=r"config\.optimizer\.galore_vocab=True applies to the G"):
+    trainer.build(config)
+
+
+def test_galore_vocab_with_fused_vocab_chunks_trains_like_the_standard_step(data_dir, tmp_path):
+  """GaLore on the embedding and head, the fused step by vocabulary chunks (its refresh from
+  the chunks' Gram matrix, steps 1 and 4) against the standard step (SVD of whole gradients):
+  the same losses up to float32 reassociation and eigh-vs-SVD rounding (`test_fused.py`)."""
+  losses = {}
+  for fused_update in (False, True):
+    config = tiny_config(data_dir, num_steps=4, eval_every=100, fused_update=fused_update)
+    config.optimizer.galore_vocab = True
+    config.train.fused_vocab_chunk_size = 4096 if fused_update else 0
+    workdir = tmp_path / str(fused_update)
+    trainer.train_and_evaluate(config, workdir)
+    losses[fused_update] = [r["loss"] for r in trainer.load_metrics(workdir) if "loss" in r]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)

@@ -1,5 +1,6 @@
 """The optax contract of galore_jax: shapes, dtypes, jit, wrappers, refresh timing, errors."""
 
+import functools
 import inspect
 
 import hypothesis
@@ -405,3 +406,76 @@ def test_projection_is_orthogonal_and_idempotent(shape, rank, proj_type):
   np.testing.assert_allclose(twice, once, atol=1e-5)
   # At a refresh the captured part is the best rank-r approximation on that side.
   assert float(jnp.linalg.norm(once)) <= float(jnp.linalg.norm(g)) * (1 + 1e-6)
+
+
+def _block_chunk(x, c, rows: int, n: int):
+  """Chunk c of n of 8-bit codes `[blocks, block_size]` / scales `[blocks]` of a `[rows, ...]`
+  moment whose rows split into n chunks of whole blocks; other entries whole."""
+  if not x.ndim or x.shape[0] != rows * n:
+    return x
+  return x.reshape(rows, n, -1)[:, c].reshape(-1, *x.shape[1:])
+
+
+def _column_chunks(tree, cols, width: int):
+  """Columns `cols` of every leaf whose last axis is `width` (the weight, its gradient and the
+  low-rank moments of a `[D, width]` leaf projected on its input side); others whole."""
+  return jax.tree.map(lambda x: x[..., cols] if x.shape[-1:] == (width,) else x, tree)
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw_8bit"])
+def test_update_by_column_chunks_with_given_bases_and_sides_equals_the_whole_update(name):
+  """A `[16, 48]` matrix updated as 6 chunks of 8 columns, each with its slice of the low-rank
+  state, `galore_sides` (an 8-column chunk alone would be projected on its output side) and
+  `galore_bases` (the SVD of the whole gradient: a refresh of the whole matrix): the update and
+  state of the whole matrix, over a refresh and a non-refresh step (gap 2). The same float32
+  operations on the same values, column by column: equal up to summation order (1e-6)."""
+  d, v, width, r = 16, 48, 8, 4
+  q8 = dict(min_8bit_size=0, block_size=8)  # 8-bit blocks inside one row of a chunk
+  tx = {
+    "galore_adamw": lambda: gj.galore_adamw(1e-2, rank=r, update_proj_gap=2),
+    "galore_adamw_8bit": lambda: gj.galore_adamw_8bit(1e-2, rank=r, update_proj_gap=2, **q8),
+  }[name]()
+  params = {"w": jax.random.normal(jax.random.key(0), (d, v))}
+  state = tx.init(params)
+
+  def chunked(grads, state, params, garbage):
+    (whole,) = projection.svd_projectors(grads["w"], "in", r)
+    bases = jnp.full_like(whole, 7.0) if garbage else whole  # never used off refresh steps
+    outs, states = [], []
+    for c in range(v // width):
+      cols = slice(c * width, (c + 1) * width)
+      if name == "galore_adamw_8bit":  # codes `[r * v / 8, 8]`: rows of v / 8 blocks
+        part = jax.tree.map(functools.partial(_block_chunk, c=c, rows=r, n=v // width), state)
+      else:
+        part = _column_chunks(state, cols, v)
+      u, s = tx.update(
+        _column_chunks(grads, cols, v),
+        part,
+        _column_chunks(params, cols, v),
+        galore_bases=lambda: {"w": (bases,)},
+        galore_sides={"w": "in"},
+      )
+      outs.append(u["w"])
+      states.append(s)
+    return jnp.concatenate(outs, axis=1), states
+
+  update, chunked = jax.jit(tx.update), jax.jit(chunked, static_argnums=3)
+  for t in range(3):
+    grads = _grads(t, params)
+    u, new_state = update(grads, state, params)
+    u_c, states = chunked(grads, state, params, t % 2 == 1)
+    np.testing.assert_allclose(u_c, u["w"], rtol=1e-5, atol=1e-6 * float(jnp.abs(u["w"]).max()))
+    np.testing.assert_allclose(states[0][0].projectors[0]["w"], new_state[0].projectors[0]["w"])
+    params, state = optax.apply_updates(params, u), new_state
+
+
+def test_galore_sides_and_bases_are_validated():
+  params = {"w": jnp.zeros((8, 12)), "b": jnp.zeros((12, 3))}
+  tx = gj.galore(optax.identity(), rank=2, mask={"w": True, "b": False})
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="does not project"):
+    tx.update(params, state, galore_sides={"w": None, "b": "in"})
+  with pytest.raises(ValueError, match="sides are"):
+    tx.update(params, state, galore_sides={"w": "up", "b": None})
+  with pytest.raises(ValueError, match="gave bases"):
+    tx.update(params, state, galore_bases=lambda: {"w": jnp.zeros((12, 2)), "b": None})

@@ -17,8 +17,10 @@ stacked `[N, in, out]` weights):
    to block i-1;
 4. the embedding is updated last.
 
-So at any time at most one block's gradient exists. The optimizer must be *separable* (each
-leaf's update depends on its own gradient, state and parameter plus shared scalars);
+So at any time at most one block's gradient exists (and with `vocab_chunk_size`, one vocabulary
+chunk's gradient of the head and the embedding, GaLore-projected or not). The optimizer must
+be *separable* (each leaf's update depends on its own gradient, state and parameter plus shared
+scalars);
 `galore_jax.layerwise` calls it one leaf (or one block's slice, or row chunks of the LM head and
 embedding) at a time, so the step count, the schedule and GaLore's refresh predicate are read
 once per step and SVDs run on refresh steps only. The optimizer state is exactly
@@ -206,26 +208,33 @@ def _head_backward(m: _Model, layout: lw.TreeLayout, params: list, x_last, token
 class _VocabChunks(NamedTuple):
   """Leaf `j` (`[V, D]` embedding: rows = 1; `[D, V]` head: rows = D) as `n` vocabulary chunks.
 
-  Every state entry of the leaf is viewed as `[rows, n, -1]` and chunk c is `[:, c]`, reshaped
-  to the entry the optimizer makes for a `[V / n, D]` (`[D, V / n]`) parameter (`shapes`): true
-  for element-wise moments and for block-quantised ones whose blocks do not straddle chunks,
-  which `_vocab_chunks` checks by sizes.
+  Every split state entry k of the leaf is viewed as `[entry_rows[k], n, -1]` and chunk c is
+  `[:, c]`, reshaped to the entry the optimizer makes for a `[V / n, D]` (`[D, V / n]`)
+  parameter (`shapes`): true for element-wise moments and for block-quantised ones whose blocks
+  do not straddle chunks, which `_vocab_chunks` checks by sizes. A leaf that GaLore projects on its
+  D side (`bases`: its projector nodes) has low-rank moments `[r, V]` (head: rows = r) or
+  `[V, r]` (rows = 1) that split the same way, and a projector that every chunk uses whole.
   """
 
   j: int
   n: int
-  rows: int
+  axis: int  # the vocabulary axis of the leaf
+  rows: int  # the parameter's rows in the `[rows, n, -1]` view
   shape: tuple  # a chunk's parameter shape
-  shapes: list  # per state node: a chunk's entry shape (None: a MaskedNode)
+  shapes: list  # per state node: a chunk's entry shape (None: a MaskedNode; _WHOLE: not split)
+  entry_rows: list  # per state node: rows of its `[rows, n, -1]` view
+  bases: tuple = ()  # GaLore's projector nodes of a projected leaf split in n > 1 chunks
+  side: str | None = None  # GaLore's side of that leaf (`galore_sides`)
 
-  def take(self, x, c, shape):
-    return lax.dynamic_index_in_dim(x.reshape(self.rows, self.n, -1), c, 1, False).reshape(shape)
+  def take(self, x, c, shape, rows=None):
+    view = x.reshape(rows or self.rows, self.n, -1)
+    return lax.dynamic_index_in_dim(view, c, 1, False).reshape(shape)
 
-  def put(self, x, new, c):
-    view = x.reshape(self.rows, self.n, -1)
+  def put(self, x, new, c, rows=None):
+    view = x.reshape(rows or self.rows, self.n, -1)
     # The barrier keeps XLA from moving the cast across the write: it would otherwise cast the
     # whole leaf to float32, write the chunk there and cast back (a new leaf-sized buffer).
-    new = lax.optimization_barrier(new.reshape(self.rows, 1, -1).astype(x.dtype))
+    new = lax.optimization_barrier(new.reshape(rows or self.rows, 1, -1).astype(x.dtype))
     return lax.dynamic_update_index_in_dim(view, new, c, 1).reshape(x.shape)
 
   def take_all(self, param, entries, c):
@@ -233,16 +242,23 @@ class _VocabChunks(NamedTuple):
 
     def take(tree, c):
       param, entries = tree
-      e = [e if s is None else self.take(e, c, s) for e, s in zip(entries, self.shapes)]
+      e = [
+        e if s is None or s is _WHOLE else self.take(e, c, s, r)
+        for e, s, r in zip(entries, self.shapes, self.entry_rows)
+      ]
       return self.take(param, c, self.shape), e
 
     return _fenced(take, (param, entries), c)
 
   def put_all(self, param, entries, new_param, new_entries, c):
     e = [
-      e if s is None else self.put(e, x, c) for e, x, s in zip(entries, new_entries, self.shapes)
+      e if s is None else x if s is _WHOLE else self.put(e, x, c, r)
+      for e, x, s, r in zip(entries, new_entries, self.shapes, self.entry_rows)
     ]
     return self.put(param, new_param, c), e
+
+
+_WHOLE = "whole"  # `_VocabChunks.shapes` entry of a state entry that every chunk uses whole
 
 
 def _vocab_chunks(tx, view: lw.StateView, layout, nodes: list, param, j: int, axis, max_size):
@@ -251,15 +267,85 @@ def _vocab_chunks(tx, view: lw.StateView, layout, nodes: list, param, j: int, ax
   shape = layout.shapes[j]
   vocab, rows = shape[axis], shape[0] if axis == 1 else 1
   whole = [node[j] for node in nodes]
+  bases = _projector_nodes(view, whole)
   d = layout.single(j)
-  for n in [n for n in range(1, vocab + 1) if vocab % n == 0 and vocab // n <= max_size] + [1]:
+  candidates = [n for n in range(2, vocab + 1) if vocab % n == 0 and vocab // n <= max_size]
+  for n in candidates if vocab > max_size else []:
     chunk = tuple(vocab // n if a == axis else size for a, size in enumerate(shape))
+    if bases:
+      vc = _galore_vocab_chunks(tx, view, layout, whole, param, j, axis, n, chunk, bases)
+      if vc is not None:
+        return vc
+      continue
     state = jax.eval_shape(tx.init, d.unflatten([jax.ShapeDtypeStruct(chunk, param.dtype)]))
     parts = [p[0] for p in view.split(state, d)[0]]
     if all(_splits(e, p, n, rows) for e, p in zip(whole, parts)):
-      shapes = [None if isinstance(p, optax.MaskedNode) else np.shape(p) for p in parts]
-      return _VocabChunks(j, n, rows, chunk, shapes)
-  raise AssertionError("one chunk always splits")
+      return _VocabChunks(j, n, axis, rows, chunk, [_shape(p) for p in parts], [rows] * len(parts))
+  # One chunk: the whole leaf (GaLore, if it projects the leaf, refreshes from its gradient).
+  return _VocabChunks(j, 1, axis, 1, shape, [_shape(e) for e in whole], [1] * len(whole))
+
+
+def _galore_vocab_chunks(tx, view, layout, whole, param, j, axis, n, chunk, bases):
+  """`_VocabChunks` of a leaf that GaLore projects, in n chunks, or None if its state does not
+  split so: the projector must span D (the Flax layout: the head's `[D, V]` on its input side,
+  the embedding's `[V, D]` on its output side), the low-rank moments (`[r, V]`: r rows; `[V, r]`:
+  one row, with 8-bit blocks inside a chunk's rows) split along V, and an update of one chunk,
+  projected on the whole leaf's side (`galore_sides`), must keep every entry's shape."""
+  vocab, dim = param.shape[axis], param.shape[1 - axis]
+  side, rank = ("in" if axis == 1 else "out"), np.shape(whole[bases[0]])[-1]
+  if len(bases) != 1 or np.shape(whole[bases[0]]) != (dim, rank) or vocab // n < rank:
+    return None
+  rows = rank if axis == 1 else 1
+  shapes = []
+  for k, e in enumerate(whole):
+    if isinstance(e, optax.MaskedNode) or k in bases:
+      shapes.append(None if k not in bases else _WHOLE)
+      continue
+    e_shape = list(np.shape(e))
+    ax = max((a for a, size in enumerate(e_shape) if size == vocab), default=0)
+    e_shape[ax] //= n
+    codes = np.ndim(e) == 2 and jnp.result_type(e) == jnp.uint8
+    if codes and math.prod(np.shape(e)) != rank * vocab:  # padded blocks
+      return None
+    part = jax.ShapeDtypeStruct(tuple(e_shape), jnp.result_type(e))
+    if not _splits(e, part, n, rows):
+      return None
+    shapes.append(part.shape)
+  p_rows = param.shape[0] if axis == 1 else 1
+  vc = _VocabChunks(j, n, axis, p_rows, chunk, shapes, [rows] * len(whole), bases, side)
+  d = layout.single(j)
+  whole_param = jax.ShapeDtypeStruct(param.shape, param.dtype)
+  shared = view.split(jax.eval_shape(tx.init, d.unflatten([whole_param])), d)[1]
+  one = lw.LeafwiseOptimizer(tx, layout, view, {})
+  struct = lambda e, s: jax.ShapeDtypeStruct(np.shape(e) if s is _WHOLE else s, e.dtype)
+  entries = [e if s is None else struct(e, s) for e, s in zip(whole, shapes)]
+  p_c = jax.ShapeDtypeStruct(chunk, param.dtype)
+  sides = d.unflatten([side])
+  try:
+    out = jax.eval_shape(
+      lambda p, es, sh: one.update([j], [p], [p], [[e] for e in es], sh, galore_sides=sides)[1],
+      p_c,
+      entries,
+      shared,
+    )
+  except (ValueError, TypeError):  # e.g. a transform that does not take galore_sides
+    return None
+  same = lambda a, b: jax.tree.map(
+    lambda x, y: (np.shape(x), x.dtype) == (np.shape(y), y.dtype), a, b
+  )
+  if not all(jax.tree.leaves(same([[e] for e in entries], out))):
+    return None
+  return vc
+
+
+def _shape(entry):
+  return None if isinstance(entry, optax.MaskedNode) else np.shape(entry)
+
+
+def _projector_nodes(view: lw.StateView, entries: list) -> tuple:
+  """The state nodes holding GaLore's bases of a leaf (`entries`: its entry per node); () if
+  GaLore does not project it."""
+  return tuple(k for k in view.projectors or () if not isinstance(entries[k], optax.MaskedNode))
 
 
 def _fenced(fn, tree, c):
@@ -282,24 +368,85 @@ def _vocab_update(
   opt: lw.LeafwiseOptimizer, vc: _VocabChunks, grad_fn, scale, param, entries, shared, aux=()
 ):
   """Leaf `vc.j` updated one chunk at a time; `grad_fn(c, p_c)` is (chunk c's mean gradient,
-  chunk c's term of a sum that starts at `aux`), `p_c` the chunk before its update.
+  chunk c's term of a sum that starts at `aux`), `p_c` the chunk before its update. A leaf that
+  GaLore projects (`vc.bases`) gets its projectors from `_vocab_bases` first; every chunk's
+  update then uses them, as this step's refresh if it is one.
 
   Returns:
     (param, entries, shared, sum of squares of the unclipped gradient, the sum of the terms).
   """
   one = opt._replace(chunks={})  # each chunk is one leaf to the optimizer
+  extra, d = {}, opt.layout.single(vc.j)
+  if vc.bases:
+    new = _vocab_bases(one, vc, grad_fn, scale, param, entries, shared)
+    extra = {"galore_bases": lambda: d.unflatten([new]), "galore_sides": d.unflatten([vc.side])}
 
   def body(carry, c):
     param, entries, _, sq, aux = carry
     p_c, e_c = vc.take_all(param, entries, c)
     g_c, term = grad_fn(c, p_c)
-    new_p, new_e, new_shared = one.update([vc.j], scale([g_c]), [p_c], [[e] for e in e_c], shared)
+    new_p, new_e, new_shared = one.update(
+      [vc.j], scale([g_c]), [p_c], [[e] for e in e_c], shared, **extra
+    )
     param, entries = vc.put_all(param, entries, new_p[0], [e[0] for e in new_e], c)
     aux = jax.tree.map(jnp.add, aux, term)
     return (param, entries, new_shared, sq + lw.sq_norm([g_c]), aux), None
 
   init = (param, entries, shared, jnp.zeros((), jnp.float32), aux)
   return lax.scan(body, init, jnp.arange(vc.n))[0]
+
+
+def _vocab_bases(
+  one: lw.LeafwiseOptimizer, vc: _VocabChunks, grad_fn, scale, param, entries, shared
+) -> tuple:
+  """This step's GaLore bases of leaf `vc.j`, whose gradient exists one chunk at a time.
+
+  GaLore decides whether the step refreshes: chunk 0 is updated with a zero gradient (a probe
+  whose result is dropped but its bases) and `galore_bases`, which GaLore calls inside its
+  refresh conditional only. There, pass A: every chunk's gradient is recomputed and its Gram
+  matrix summed in float32 (`Σ_c G_c G_cᵀ` for the head's `[D, V]`, `Σ_c G_cᵀ G_c` for the
+  embedding's `[V, D]`, `D x D`); its top-`r` eigenvectors (`galore_jax.subspace.
+  gram_left_basis`) span the top-`r` singular subspace of the whole gradient that an SVD would
+  give, and get GaLore's sign convention as an SVD's basis does (`canonical_sign`, then
+  `align_signs` if set), so they equal its vectors up to rounding (the Gram matrix squares the
+  gradient's conditioning: see `gram_left_basis`); `subspace_method` is not used for them.
+  On other steps the probe returns the current bases and pass A never runs.
+
+  Signs: an eigenvector's sign is as arbitrary as a singular vector's. At the first refresh it
+  would not matter for Adam (moments zero: flipping basis vector i flips row i of `Pᵀ G`, of
+  `m`, and of the update in the subspace, and `P` flips it back; `v` is a square), but with
+  `on_refresh="keep"` later refreshes meet kept moments, so both paths fix the sign the same
+  way, and whole-leaf and chunked steps agree to rounding.
+  """
+  d, used = one.layout.single(vc.j), []
+
+  def gram_bases():
+    used.append(True)
+
+    def add(gram, c):
+      p_c = _fenced(lambda p, c: vc.take(p, c, vc.shape), param, c)
+      g = scale([grad_fn(c, p_c)[0]])[0].astype(jnp.float32)
+      g_DxC = g if vc.axis == 1 else g.T
+      return gram + jnp.matmul(g_DxC, g_DxC.T, precision=lax.Precision.HIGHEST), None
+
+    dim = vc.shape[1 - vc.axis]
+    gram_DxD = lax.scan(add, jnp.zeros((dim, dim), jnp.float32), jnp.arange(vc.n))[0]
+    rank = np.shape(entries[vc.bases[0]])[-1]
+    return d.unflatten([(gj.subspace.gram_left_basis(gram_DxD, rank),)])
+
+  p_0, e_0 = vc.take_all(param, entries, 0)
+  zero = [jnp.zeros(vc.shape, param.dtype)]
+  sides = d.unflatten([vc.side])
+  new_e = one.update(
+    [vc.j], zero, [p_0], [[e] for e in e_0], shared, galore_bases=gram_bases, galore_sides=sides
+  )[1]
+  if not used:
+    raise ValueError(
+      "fused update: GaLore on the LM head / embedding with vocabulary chunks needs the "
+      "optimizer to pass update's extra arguments on to scale_by_galore (optax.chain and "
+      "optax.inject_hyperparams do); it dropped `galore_bases`."
+    )
+  return tuple(new_e[k][0] for k in vc.bases)
 
 
 def _vocab_sq_norm(vc: _VocabChunks, grad_fn, param, aux=()):
@@ -636,7 +783,13 @@ def make_fused_update(
       no dot reads the whole kernel (on XLA:CPU that would make float32 copies of it). The
       chunk is the largest that divides the vocabulary and splits the optimizer state (8-bit
       blocks must not straddle chunks: 768 columns and 16,032 rows for LLaMA-3's 128,256
-      entries with 256-entry blocks). 0: whole leaves.
+      entries with 256-entry blocks). 0: whole leaves. GaLore on the head or the embedding
+      (its projector on the D side, as `proj_type="std"` puts it for V > D) chunks too: its
+      low-rank moments split like the weight, every chunk uses the whole projector (projected
+      on the leaf's side, `galore_sides`), and a refresh step first sums the `D x D` Gram
+      matrix of the gradient over the chunks (pass A, recomputing each chunk's gradient) and
+      takes its top-r eigenvectors as this step's projector (`galore_bases`); see
+      `_vocab_bases`. Otherwise (e.g. `energy_tol`, a V-side projector) the leaf is whole.
 
   `loss_mask_BxL` (bool, optional) selects the targets that count, as in
   `train.model.next_token_loss` (instruction data: the response tokens).

@@ -7,6 +7,7 @@ run's length and whether the fused layer-wise step is used, never the whole conf
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
@@ -60,13 +61,24 @@ def make_schedule(o: ml_collections.ConfigDict, num_steps: int) -> optax.Schedul
   return schedule
 
 
+def galore_vocab_mask(params) -> Any:
+  """GaLore's targets with `config.optimizer.galore_vocab`: the attention and MLP kernels, the
+  token embedding and the LM head."""
+  return jax.tree.map(operator.or_, gj.llama_galore_mask(params), gj.llama_vocab_mask(params))
+
+
+def galore_mask(o: ml_collections.ConfigDict) -> Callable:
+  """The GaLore mask of the optimizer section `o` (`galore_vocab`: embedding and head too)."""
+  return galore_vocab_mask if o.get("galore_vocab", False) else gj.llama_galore_mask
+
+
 def _galore_options(o: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(
     rank=o.rank,
     update_proj_gap=o.update_proj_gap,
     scale=o.scale,
     proj_type=o.proj_type,
-    mask=gj.llama_galore_mask,
+    mask=galore_mask(o),
     projector_dtype=jnp.dtype(o.projector_dtype) if o.projector_dtype else None,
     subspace_method=o.subspace_method,
     oversample=o.oversample,
@@ -214,8 +226,11 @@ def validate_optimizer_config(
         field,
         f"must be a number in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}.",
       )
-  if not isinstance(o.float32_vocab_moments, bool):
-    fail("float32_vocab_moments", "must be True or False.")
+  for field in ("float32_vocab_moments", "galore_vocab"):
+    if not isinstance(o.get(field, False), bool):
+      fail(field, "must be True or False.")
+  if o.get("galore_vocab", False) and "galore" not in o.name:
+    fail("galore_vocab", f"applies to the GaLore optimizers only (not {o.name!r}).")
   if o.target_lr_scale != 1.0 and o.name != "adamw":
     fail("target_lr_scale", f"applies to config.optimizer.name='adamw' only (not {o.name!r}).")
   if o.target_lr_scale != 1.0 and fused_update:
@@ -270,7 +285,7 @@ def _check_galore_options(
   """
   try:
     make_optimizer(o, num_steps=1, fused_update=fused_update)
-    rows = gj.galore_targets(params, rank=o.rank, proj_type=o.proj_type, mask=gj.llama_galore_mask)
+    rows = gj.galore_targets(params, rank=o.rank, proj_type=o.proj_type, mask=galore_mask(o))
   except ValueError as e:
     message = str(e).removeprefix("galore: ")
     named = re.search(rf"\b({'|'.join(_GALORE_FIELDS)})\b", message)
