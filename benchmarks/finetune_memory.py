@@ -25,8 +25,11 @@ tokens, full logits) is printed apart with `--pretrain`.
 Usage:
   python benchmarks/finetune_memory.py [--sizes llama3-8b,7b] [--seq 2048] [--rank 128]
       [--vocab-chunks 0,16384] [--loss-chunk 16] [--pretrain] [--vocab-size 256]
-      [--galore-vocab]
+      [--galore-vocab] [--attention-chunk 512]
 
+`--attention-chunk C` runs attention C queries at a time, each chunk recomputed in the backward
+(`LlamaConfig.attention_chunk_size`), so the `[B, H, L, L]` float32 scores exist one chunk at a
+time.
 `--galore-vocab` puts GaLore (same rank) on the embedding and LM head too (their projector on
 the D side, low-rank moments `[r, V]` / `[V, r]` split by vocabulary chunks like the weight).
 """
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--galore-vocab", action="store_true", help="GaLore on the embedding and LM head too"
   )
+  parser.add_argument(
+    "--attention-chunk", type=int, default=0, help="queries per attention chunk (0: all)"
+  )
   args = parser.parse_args(argv)
   print(
     f"jax {jax.__version__}, backend {jax.default_backend()}; BF16 weights, galore_adamw_8bit, "
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
   for size in args.sizes:
     for vocab_chunk in map(int, args.vocab_chunks):
       name = f"{size}, GaLore on embed + head" if args.galore_vocab else size
+      if args.attention_chunk:
+        name += f", attention chunks {args.attention_chunk}"
       key = (name, args.rank, 1, args.seq, args.loss_chunk, vocab_chunk)
       r = finetune_memory(
         size,
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         loss_chunk_size=args.loss_chunk,
         vocab_chunk_size=vocab_chunk,
         galore_vocab=args.galore_vocab,
+        attention_chunk_size=args.attention_chunk,
         **({"vocab_size": args.vocab_size} if args.vocab_size else {}),
       )
       rows.append((key, r))
