@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # Run from any 
 import jax  # noqa: E402
 
 from configs import default  # noqa: E402
-from train import preemption, trainer  # noqa: E402
+from train import host_memory, preemption, trainer  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -174,6 +174,11 @@ def analyse(w: Watcher, records: list[dict], stopped_by: str) -> dict:
     "rss_mb_end": w.samples[-1]["rss_mb"],
     "rss_mb_max": max(s["rss_mb"] for s in w.samples),
     "rss_slope_mb_per_hour": _slope_per_hour(ts, np.array([s["rss_mb"] for s in after])),
+    # A leak grows at a constant rate; an allocator's working set levels off. The second half's
+    # slope tells them apart.
+    "rss_slope_second_half_mb_per_hour": _slope_per_hour(
+      ts[len(ts) // 2 :], np.array([s["rss_mb"] for s in after[len(after) // 2 :]])
+    ),
     "disk_mb_end": w.samples[-1]["disk_mb"],
     "disk_mb_max": max(s["disk_mb"] for s in w.samples),
     "disk_slope_mb_per_hour": _slope_per_hour(ts, np.array([s["disk_mb"] for s in after])),
@@ -225,7 +230,8 @@ def write_results(res: dict, args: argparse.Namespace, command: str) -> None:
     "",
     f"Machine: {platform.platform()}, {os.cpu_count()} CPUs ({jax.default_backend()}, jax "
     f"{jax.__version__}, Python {platform.python_version()}); the CPUs were shared with other "
-    "jobs, so times are upper bounds.",
+    "jobs, so times are upper bounds. glibc malloc set as `train.main` sets it (one arena, no "
+    f"mmap, no trim; `train/host_memory.py`): {'yes' if res['malloc_as_train_main'] else 'no'}.",
     "",
     "| measure | value |",
     "|---|---|",
@@ -235,7 +241,8 @@ def write_results(res: dict, args: argparse.Namespace, command: str) -> None:
     f"| steps per minute after warm-up | {res['steps_per_minute']:.1f} |",
     f"| host RSS after warm-up: start / end / max | {res['rss_mb_start']:.0f} / "
     f"{res['rss_mb_end']:.0f} / {res['rss_mb_max']:.0f} MB |",
-    f"| **RSS slope after warm-up** | **{res['rss_slope_mb_per_hour']:+.1f} MB/hour** |",
+    f"| **RSS slope after warm-up** (second half of it) | **{res['rss_slope_mb_per_hour']:+.1f} "
+    f"MB/hour** ({res['rss_slope_second_half_mb_per_hour']:+.1f} MB/hour) |",
     f"| XLA compilations: total / **after warm-up** | {res['compilations']} / "
     f"**{res['compilations_after_warm_up']}** ({late}) |",
     f"| checkpoint stalls (loop blocked per save) | {_stats(res['saves'])} |",
@@ -312,11 +319,14 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/soak")
   parser.add_argument("--out", default="benchmarks/results/soak", help="<out>.md, <out>.png")
   args = parser.parse_args()
+  # glibc malloc as `python -m train.main` sets it (one arena, no mmap, no trim), before the
+  # backend starts its threads: the soak measures the process `make train` runs.
+  malloc = host_memory.keep_freed_memory()
   from absl import logging  # noqa: PLC0415
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   command = "python benchmarks/soak.py " + shlex.join(sys.argv[1:])
-  res = run(args)
+  res = {**run(args), "malloc_as_train_main": malloc}
   write_results(res, args, command)
   print(Path(args.out).with_suffix(".md").read_text())
 
