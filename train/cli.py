@@ -15,6 +15,7 @@ import difflib
 import importlib.machinery
 import importlib.util
 import io
+import logging
 import os
 import sys
 import tokenize
@@ -196,8 +197,11 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
         raise
       # A failed restore leaves orbax's pending reads behind; at exit their coroutines are
       # collected and Python prints each one's traceback ("Exception ignored in ..."), which
-      # would bury the one line. --verbose keeps them.
+      # would bury the one line; orbax's background threads may also log their own errors
+      # while the process shuts down (seen: "cannot schedule new futures after shutdown", with
+      # its traceback). --verbose keeps both.
       sys.unraisablehook = lambda _: None
+      logging.disable(logging.CRITICAL)
       if status == 2:
         fail(str(e), status)
       fail(f"{type(e).__name__}: {e} (--verbose shows the traceback)", status)
