@@ -466,6 +466,19 @@ def _conditions(grads, mask, vocab_names) -> tuple[float, float]:
   return svd, gram
 
 
+def test_a_vocab_leaf_whose_state_does_not_split_is_updated_whole_with_a_warning():
+  # proj_type="full": two projectors per leaf, one of them on the vocabulary's side.
+  tx = gj.galore_adamw(1e-2, rank=RANK, proj_type="full", mask=_vocab_galore_mask)
+  params = nnx.split(Llama(VOCAB_CONFIG, rngs=nnx.Rngs(0)), nnx.Param)[1]
+  layout = fused._layout(params)
+  view = fused.lw.StateView(tx.init(params), layout)
+  opt = fused.lw.LeafwiseOptimizer(tx, layout, view, {})
+  nodes = view.split(tx.init(params), layout.treedef)[0]
+  with pytest.warns(UserWarning, match=r"is updated whole, not by vocabulary chunks of <= 16"):
+    plan = fused._vocab_plan(opt, nodes, params, 16)
+  assert [plan[g].n for g in (fused.HEAD, fused.EMBED)] == [1, 1]
+
+
 @pytest.mark.parametrize("name, vocab", [("galore_adamw_8bit", 64), ("galore_adamw", 16)])
 def test_galore_on_vocab_leaves_with_vocab_chunks_equals_whole_leaves(name, vocab):
   """GaLore (rank 8) on the embedding and LM head, updated by vocabulary chunks (4 of 64, or 16

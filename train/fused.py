@@ -58,6 +58,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -869,6 +870,14 @@ def _vocab_plan(opt: lw.LeafwiseOptimizer, nodes: list, params, max_size: int) -
   for g, names, axis in ((HEAD, ("lm_head", "kernel"), 1), (EMBED, None, 0)):
     j = next(j for j in lay.index[g] if names is None or lay.names[j] == names)
     out[g] = _vocab_chunks(opt.tx, opt.view, lay, nodes, leaves[j], j, axis, max_size)
+    if out[g].n == 1 and leaves[j].shape[axis] > max_size:
+      warnings.warn(
+        f"fused update: {'/'.join(map(str, lay.names[j]))} {tuple(leaves[j].shape)} is updated "
+        f"whole, not by vocabulary chunks of <= {max_size} entries: its optimizer state does "
+        "not split along the vocabulary (e.g. GaLore with energy_tol or proj_type='full', or "
+        "8-bit blocks that straddle chunks), so its whole gradient is held at once.",
+        stacklevel=3,
+      )
   return out
 
 
