@@ -158,6 +158,20 @@ def _forward(m: _Model, layout: lw.TreeLayout, layer_params: list, x_BxLxD, cos,
   return lax.scan(body, x_BxLxD, jnp.arange(n))
 
 
+def _after(fn, x, i, dep):
+  """`fn(x)`, computed only once `dep` exists.
+
+  On CPU a conditional whose predicate reads one element of `dep` (always true: `i >= 0`, the
+  block index), like `layerwise.layer_take`'s fence: CPU optimization barriers are removed
+  before scheduling, and a conditional that only passed `x` through would be simplified away.
+  Elsewhere an optimization barrier over both.
+  """
+  if jax.default_backend() != "cpu":
+    return fn(lax.optimization_barrier((x, dep))[0])
+  pred = jnp.logical_or(i >= 0, jnp.isnan(jnp.ravel(dep)[0]))
+  return lax.cond(pred, fn, fn, x)
+
+
 def _block_backward(m: _Model, layout: lw.TreeLayout, p_i: list, x, dy, cos, sin, consume, carry):
   """Backward through block i from its input `x`, recomputing it, its MLP half first.
 
@@ -619,8 +633,16 @@ def _step_single(
 
     def update(which, g, carry):
       layers, sq = carry
-      g = mean(g, [p_i[k] for k in which])
-      return lw.update_layer(opt, i, which, scale(g), p_i, layers, shared), sq + lw.sq_norm(g)
+      for pos, k in enumerate(which):
+        # One leaf at a time: XLA would otherwise convert every leaf's gradient at once (a
+        # float32 copy for the norm and one for GaLore's projection dot, at 8B 1.4 GB for the
+        # MLP's three kernels); each gradient is read only once the previous leaf is written.
+        mean_k = lambda g, k=k: mean([g], [p_i[k]])[0]
+        prev = layers.params[which[pos - 1]] if pos else None
+        g_k = mean_k(g[pos]) if prev is None else _after(mean_k, g[pos], i, prev)
+        sq = sq + lw.sq_norm([g_k])
+        layers = lw.update_layer(opt, i, [k], scale([g_k]), p_i, layers, shared)
+      return layers, sq
 
     dx, (layers, sq) = _block_backward(m, lay, p_i, read(xs, i), dy, cos, sin, update, (layers, sq))
     return (dx, layers, sq), None
