@@ -25,7 +25,7 @@ tokens, full logits) is printed apart with `--pretrain`.
 Usage:
   python benchmarks/finetune_memory.py [--sizes llama3-8b,7b] [--seq 2048] [--rank 128]
       [--vocab-chunks 0,16384] [--loss-chunk 16] [--pretrain] [--vocab-size 256]
-      [--galore-vocab] [--attention-chunk 512]
+      [--galore-vocab] [--attention-chunk 512] [--grad-clip 1.0]
 
 `--attention-chunk C` runs attention C queries at a time, each chunk recomputed in the backward
 (`LlamaConfig.attention_chunk_size`), so the `[B, H, L, L]` float32 scores exist one chunk at a
@@ -78,6 +78,7 @@ def finetune_memory(
   vocab_chunk_size: int = 0,
   tx: optax.GradientTransformation | None = None,
   galore_vocab: bool = False,
+  grad_clip_norm: float = 0.0,
   **model_overrides,
 ) -> dict:
   """Compiled memory of one fused fine-tune step, in bytes, with the breakdown.
@@ -89,6 +90,7 @@ def finetune_memory(
     loss_chunk_size, vocab_chunk_size: `train.fused.make_fused_update`'s options.
     tx: the optimizer; default `finetune_optimizer(rank, galore_vocab)`.
     galore_vocab: GaLore on the embedding and LM head too (ignored with `tx`).
+    grad_clip_norm: `make_fused_update`'s global-norm clipping (0: off, as `configs/finetune.py`).
     **model_overrides: `LlamaConfig` fields (default BF16 weights and activations, scanned).
 
   Returns:
@@ -108,6 +110,7 @@ def finetune_memory(
     check_optimizer=False,
     loss_chunk_size=loss_chunk_size,
     vocab_chunk_size=vocab_chunk_size,
+    grad_clip_norm=grad_clip_norm,
   )
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--attention-chunk", type=int, default=0, help="queries per attention chunk (0: all)"
   )
+  parser.add_argument(
+    "--grad-clip", type=float, default=0.0, help="global-norm clipping threshold (0: off)"
+  )
   args = parser.parse_args(argv)
   print(
     f"jax {jax.__version__}, backend {jax.default_backend()}; BF16 weights, galore_adamw_8bit, "
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
       name = f"{size}, GaLore on embed + head" if args.galore_vocab else size
       if args.attention_chunk:
         name += f", attention chunks {args.attention_chunk}"
+      if args.grad_clip:
+        name += f", clip {args.grad_clip:g}"
       key = (name, args.rank, 1, args.seq, args.loss_chunk, vocab_chunk)
       r = finetune_memory(
         size,
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         loss_chunk_size=args.loss_chunk,
         vocab_chunk_size=vocab_chunk,
         galore_vocab=args.galore_vocab,
+        grad_clip_norm=args.grad_clip,
         attention_chunk_size=args.attention_chunk,
         **({"vocab_size": args.vocab_size} if args.vocab_size else {}),
       )
