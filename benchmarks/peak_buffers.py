@@ -36,9 +36,9 @@ class Buffer(NamedTuple):
 
 class Peak(NamedTuple):
   temp_bytes: int  # the preallocated temp buffer (XLA's temp_size_in_bytes)
-  live_bytes: int  # the most temp bytes live at one schedule position
+  live_bytes: int  # the most temp bytes live at one schedule position (offsets counted once)
   position: int
-  buffers: list  # [Buffer] live there, largest first
+  buffers: list  # [Buffer] live there, largest first (aliases of one offset each listed)
 
 
 def _temp_values(lines: list[str]) -> tuple[int, dict]:
@@ -89,13 +89,21 @@ def peak(dump_dir: str, module: str = "jit_update") -> Peak:
   ops = _op_names(read(".txt"))
   key = lambda name: name if name in ranges else name + "{}"
   spans = {n: ranges[key(n)] for n in values if key(n) in ranges}
-  events: dict[int, int] = {}
+  # Values at the same offset whose lives overlap are one buffer (an in-place update, a
+  # loop-carried value): a position's live bytes count each live offset once, at its largest.
+  starts: dict[int, list] = {}
+  ends: dict[int, list] = {}
   for name, (s, e) in spans.items():
-    events[s] = events.get(s, 0) + values[name][0]
-    events[e + 1] = events.get(e + 1, 0) - values[name][0]
-  live, best, where = 0, -1, 0
-  for t in sorted(events):
-    live += events[t]
+    starts.setdefault(s, []).append(name)
+    ends.setdefault(e + 1, []).append(name)
+  active: dict[int, dict] = {}  # offset -> {value name: size}
+  best, where = -1, 0
+  for t in sorted(set(starts) | set(ends)):
+    for name in ends.get(t, []):
+      active[values[name][1]].pop(name)
+    for name in starts.get(t, []):
+      active.setdefault(values[name][1], {})[name] = values[name][0]
+    live = sum(max(sizes.values()) for sizes in active.values() if sizes)
     if live > best:
       best, where = live, t
   at = [n for n, (s, e) in spans.items() if s <= where <= e]
