@@ -158,18 +158,17 @@ def _forward(m: _Model, layout: lw.TreeLayout, layer_params: list, x_BxLxD, cos,
   return lax.scan(body, x_BxLxD, jnp.arange(n))
 
 
-def _after(fn, x, i, dep):
-  """`fn(x)`, computed only once `dep` exists.
+def _after(fn, x, dep):
+  """`fn(x)`, computed only once `dep` exists, and none of it before.
 
-  On CPU a conditional whose predicate reads one element of `dep` (always true: `i >= 0`, the
-  block index), like `layerwise.layer_take`'s fence: CPU optimization barriers are removed
-  before scheduling, and a conditional that only passed `x` through would be simplified away.
-  Elsewhere an optimization barrier over both.
+  On CPU a conditional with `fn` in both branches, whose predicate reads one element of `dep`
+  (its value does not matter): CPU optimization barriers are removed before scheduling, a
+  conditional that only passed `x` through would be simplified away, and code motion does not
+  enter a conditional (see `layerwise.layer_take`). Elsewhere an optimization barrier.
   """
   if jax.default_backend() != "cpu":
     return fn(lax.optimization_barrier((x, dep))[0])
-  pred = jnp.logical_or(i >= 0, jnp.isnan(jnp.ravel(dep)[0]))
-  return lax.cond(pred, fn, fn, x)
+  return lax.cond(jnp.isnan(jnp.ravel(dep)[0]), fn, fn, x)
 
 
 def _block_backward(m: _Model, layout: lw.TreeLayout, p_i: list, x, dy, cos, sin, consume, carry):
@@ -639,7 +638,7 @@ def _step_single(
         # MLP's three kernels); each gradient is read only once the previous leaf is written.
         mean_k = lambda g, k=k: mean([g], [p_i[k]])[0]
         prev = layers.params[which[pos - 1]] if pos else None
-        g_k = mean_k(g[pos]) if prev is None else _after(mean_k, g[pos], i, prev)
+        g_k = mean_k(g[pos]) if prev is None else _after(mean_k, g[pos], prev)
         sq = sq + lw.sq_norm([g_k])
         layers = lw.update_layer(opt, i, [k], scale([g_k]), p_i, layers, shared)
       return layers, sq
@@ -651,7 +650,7 @@ def _step_single(
   (dx0_, new_layers, sq_), _ = lax.scan(backward, init, ids, reverse=True)
   dx0 = dx0 if max_norm > 0 else dx0_  # pass 1's when clipping: the gradient that was measured
   if vocab is None:
-    g_embed = g_embed_of(dx0)
+    g_embed = _after(g_embed_of, dx0, dx0)  # its float32 scatter-add buffer after the scan
     new_embed, _ = lw.update_group(opt, EMBED, scale(g_embed), grp[EMBED], shared)
     sq_ = sq_ + lw.sq_norm(g_embed)
   else:
