@@ -11,11 +11,12 @@ stacked `[N, in, out]` weights):
 2. head (final norm + LM head): loss, weight gradient and the gradient of the last hidden state
    by `jax.vjp`; the head is updated at once;
 3. a reverse scan over the blocks: block i is recomputed from its saved input; the gradient of
-   its MLP half is taken and those weights updated, then the attention half's; the optimizer gets
-   block i's slice of the parameters and of the optimizer state, and the new slice is written
-   back into the (donated) stacked buffers with `dynamic_update_slice`; the input gradient flows
-   to block i-1;
-4. the embedding is updated last.
+   its MLP half is taken and those weights updated, then the attention half's, one leaf after
+   the other (a fence, `_after`, keeps XLA from converting every leaf's gradient at once); the
+   optimizer gets block i's slice of the parameters and of the optimizer state, and the new
+   slice is written back into the (donated) stacked buffers with `dynamic_update_slice`; the
+   input gradient flows to block i-1;
+4. the embedding is updated last (its gradient is made after the scan, behind the same fence).
 
 So at any time at most one block's gradient exists (and with `vocab_chunk_size`, one vocabulary
 chunk's gradient of the head and the embedding, GaLore-projected or not). The optimizer must
