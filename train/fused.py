@@ -598,7 +598,7 @@ def _step_single(
 
     (dx0, sq), dys = lax.scan(norms, (dy, lw.sq_norm(g_head)), ids, reverse=True)
     if vocab is None:
-      sq = sq + lw.sq_norm(g_embed_of(dx0))
+      sq = sq + lw.sq_norm(_after(g_embed_of, dx0, dx0))  # after the scan, as below
     else:
       sq = sq + _vocab_sq_norm(ve, embed_mean(dx0), e_param())[0] + sq_k
     norm = jnp.sqrt(sq)
