@@ -37,7 +37,6 @@ the D side, low-rank moments `[r, V]` / `[V, r]` split by vocabulary chunks like
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +47,11 @@ import galore_jax as gj
 from galore_jax.memory import state_bytes, tree_bytes
 from train import fused
 from train.model import Llama, llama_config
+
+try:  # `python benchmarks/finetune_memory.py` (script directory on sys.path) or `-m benchmarks...`
+  from fused_memory import memory as compiled_memory
+except ImportError:
+  from benchmarks.fused_memory import memory as compiled_memory
 
 GB = 1e9
 FINETUNE_RANK = 128  # configs/finetune.py; LLaMA-Factory's GaLore recipe for Llama-3-8B
@@ -112,9 +116,6 @@ def finetune_memory(
     vocab_chunk_size=vocab_chunk_size,
     grad_clip_norm=grad_clip_norm,
   )
-  t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
-  mem = compiled.memory_analysis()
   split = state_bytes(tx, params)
   out = {
     "weights": tree_bytes(params),
@@ -122,14 +123,8 @@ def finetune_memory(
     "projectors": split.projectors,
     "state": split.total,
     "tokens": tree_bytes(tokens),
-    "argument": mem.argument_size_in_bytes,
-    "output": mem.output_size_in_bytes,
-    "alias": mem.alias_size_in_bytes,
-    "temp": mem.temp_size_in_bytes,
   }
-  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-  out["compile_s"] = time.perf_counter() - t0
-  return out
+  return out | compiled_memory(step, params, state, tokens)
 
 
 ROW = "| {} | {} | {} | {} |" + " {:.2f} |" * 6 + " **{:.2f}** | {:.0f} |"
