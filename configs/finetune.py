@@ -6,8 +6,10 @@ Hugging Face LLaMA-family directory with a SentencePiece `tokenizer.model` or a 
   python -m train.main --config=configs/finetune.py --workdir=runs/ft \
       --config.init_from=/tmp/tiny-llama --config.export_to=runs/ft/hf
 
-Data: `--config.data.data_dir` of `python -m train.prepare_data` (C4 layout; default the
-bundled sample). Where each number comes from:
+Data: documents in the C4 layout (`--config.data.data_dir` of `python -m train.prepare_data`;
+default the bundled sample), or instruction / chat JSON-lines with the loss on the responses
+(`--config.data.format=instruct --config.data.train_files=...`; docs/guides/finetuning.md, which
+also lists the overrides that fit an 8B fine-tune in 20 GB). Where each number comes from:
 
 * rank 128: the paper's LLM fine-tuning runs (OpenAssistant / Belle, LLaMA-7B, "r=128",
   paper Sec. 5.6). GLUE used r=4 / r=8 on RoBERTa-base (Table 4). Capped to the checkpoint's
