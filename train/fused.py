@@ -169,7 +169,7 @@ def _after(fn, x, dep):
   """
   if jax.default_backend() != "cpu":
     return fn(lax.optimization_barrier((x, dep))[0])
-  return lax.cond(jnp.isnan(jnp.ravel(dep)[0]), fn, fn, x)
+  return lax.cond(jnp.isnan(dep[(0,) * jnp.ndim(dep)]), fn, fn, x)  # one element, no reshape
 
 
 def _block_backward(m: _Model, layout: lw.TreeLayout, p_i: list, x, dy, cos, sin, consume, carry):
