@@ -45,7 +45,7 @@ from flax import nnx
 
 import galore_jax as gj
 from galore_jax.memory import state_bytes, tree_bytes
-from train import fused
+from train import fused, optim
 from train.model import Llama, llama_config
 
 try:  # `python benchmarks/finetune_memory.py` (script directory on sys.path) or `-m benchmarks...`
@@ -58,17 +58,10 @@ FINETUNE_RANK = 128  # configs/finetune.py; LLaMA-Factory's GaLore recipe for Ll
 PRETRAIN_RANK = 1024  # the paper's 7B pre-training rank (Sec. 5.4, Fig. 1)
 
 
-def galore_vocab_mask(params):
-  """The model's targets plus the embedding and the LM head (`--galore-vocab`)."""
-  return jax.tree.map(
-    lambda a, b: a or b, gj.llama_galore_mask(params), gj.llama_vocab_mask(params)
-  )
-
-
 def finetune_optimizer(rank: int, galore_vocab: bool = False) -> optax.GradientTransformation:
   """8-bit GaLore as the fine-tune config builds it (scale 2, gap 500, the model's targets;
   with `galore_vocab`, the embedding and LM head too)."""
-  mask = galore_vocab_mask if galore_vocab else gj.llama_galore_mask
+  mask = optim.galore_vocab_mask if galore_vocab else gj.llama_galore_mask
   return gj.galore_adamw_8bit(2e-5, rank=rank, update_proj_gap=500, scale=2.0, mask=mask)
 
 

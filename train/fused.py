@@ -425,7 +425,9 @@ def _vocab_bases(
   give, and get GaLore's sign convention as an SVD's basis does (`canonical_sign`, then
   `align_signs` if set), so they equal its vectors up to rounding (the Gram matrix squares the
   gradient's conditioning: see `gram_left_basis`); `subspace_method` is not used for them.
-  On other steps the probe returns the current bases and pass A never runs.
+  On other steps the probe returns the current bases and pass A never runs; the probe's other
+  outputs are dropped, so XLA removes their computation (a 20M model with a 32,000 vocabulary:
+  step time equal, 0.365 s, with the probe and with the bases read from the state instead).
 
   Signs: an eigenvector's sign is as arbitrary as a singular vector's. At the first refresh it
   would not matter for Adam (moments zero: flipping basis vector i flips row i of `Pᵀ G`, of
