@@ -357,6 +357,23 @@ def test_galore_finetune_from_checkpoint_lowers_loss_and_exports(finetune_dir, t
   assert np.abs(_ours(tuned, tokens) - _ours(loaded, tokens)).max() > 100 * BOUND
 
 
+def test_run_fields_apply_to_a_loaded_checkpoint(finetune_dir):
+  """The model options this run chooses (attention chunks, remat, dtypes) reach a model loaded
+  from `init_from` too; its weights are the checkpoint's either way."""
+  ckpt, data_dir = finetune_dir
+  config = _finetune_config(ckpt, data_dir)
+  config.model.update(attention_chunk_size=8, remat_policy="full", scan_layers=True)
+  setup = trainer.build(config)
+  assert (setup.model_config.attention_chunk_size, setup.model_config.remat_policy) == (8, "full")
+  params = trainer.load_init_params(config, setup)  # used to fail: "changed while the run started"
+  _, loaded = load_hf_pretrained(ckpt, scan_layers=True)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    nnx.to_pure_dict(params),
+    nnx.to_pure_dict(nnx.state(loaded, nnx.Param)),
+  )
+
+
 def test_finetune_config_errors(finetune_dir, tmp_path, checkpoints):
   ckpt, data_dir = finetune_dir
   with pytest.raises(ValueError, match=r"config\.init_from='.*nowhere' cannot be loaded"):

@@ -261,6 +261,7 @@ def llama_from_hf(
   param_dtype: DTypeLike = jnp.float32,
   scan_layers: bool = False,
   remat_policy: str = "none",
+  attention_chunk_size: int = 0,
 ) -> tuple[LlamaConfig, Llama]:
   """Our config and model with the weights of a transformers ``LlamaForCausalLM``.
 
@@ -381,14 +382,15 @@ def load_hf_pretrained(
   param_dtype: DTypeLike = jnp.float32,
   scan_layers: bool = False,
   remat_policy: str = "none",
+  attention_chunk_size: int = 0,
 ) -> tuple[LlamaConfig, Llama]:
   """Our config and model from a local Hugging Face LLaMA / Mistral checkpoint directory.
 
   Args:
     path: directory with `config.json` and `model.safetensors` or a sharded
       `model.safetensors.index.json` (as `save_pretrained(..., safe_serialization=True)`).
-    dtype, param_dtype, scan_layers, remat_policy: as in `LlamaConfig`; tensors on disk (bf16,
-      fp16 or fp32) are cast to `param_dtype`.
+    dtype, param_dtype, scan_layers, remat_policy, attention_chunk_size: as in `LlamaConfig`;
+      tensors on disk (bf16, fp16 or fp32) are cast to `param_dtype`.
 
   Returns:
     `(config, model)`; nothing is randomly initialised.
@@ -400,7 +402,12 @@ def load_hf_pretrained(
   """
   path = Path(path)
   config = read_hf_config(
-    path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat_policy=remat_policy
+    path,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scan_layers=scan_layers,
+    remat_policy=remat_policy,
+    attention_chunk_size=attention_chunk_size,
   )
   files = _weight_map(path)
   pairs = hf_param_keys(config)

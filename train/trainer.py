@@ -81,33 +81,26 @@ class Setup:
     return params if self.adapter is None else self.adapter.model_params(params)
 
 
-def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
-  chunk = config.model.get("attention_chunk_size", 0)
-  return dataclasses.replace(_model_config_from(config), attention_chunk_size=chunk)
-
-
-def _model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
-  m = config.model
-  if config.get("init_from"):  # shapes and numerics from the checkpoint's config.json
-    try:
-      return checkpoint_io.read_hf_config(
-        config.init_from,
-        dtype=jnp.dtype(m.dtype),
-        param_dtype=jnp.dtype(m.param_dtype),
-        scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy,
-      )
-    except (OSError, ValueError) as e:
-      raise _field_error("init_from", config.init_from, f"cannot be loaded: {e}") from e
-  overrides = {k: m[k] for k in ("hidden_dim", "mlp_dim", "num_heads", "num_layers") if m[k]}
-  return llama_config(
-    m.size,
-    **overrides,
+def _runtime_fields(m: ml_collections.ConfigDict) -> dict:
+  """The model's fields that this run chooses (not a checkpoint's config.json)."""
+  return dict(
     dtype=jnp.dtype(m.dtype),
     param_dtype=jnp.dtype(m.param_dtype),
     scan_layers=m.scan_layers,
     remat_policy=m.remat_policy,
+    attention_chunk_size=m.attention_chunk_size,
   )
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
+  m = config.model
+  if config.get("init_from"):  # shapes and numerics from the checkpoint's config.json
+    try:
+      return checkpoint_io.read_hf_config(config.init_from, **_runtime_fields(m))
+    except (OSError, ValueError) as e:
+      raise _field_error("init_from", config.init_from, f"cannot be loaded: {e}") from e
+  overrides = {k: m[k] for k in ("hidden_dim", "mlp_dim", "num_heads", "num_layers") if m[k]}
+  return llama_config(m.size, **overrides, **_runtime_fields(m))
 
 
 def _is_int(value: Any) -> bool:
@@ -448,13 +441,7 @@ def load_init_params(config: ml_collections.ConfigDict, setup: Setup) -> Any:
     return None
   m = config.model
   try:
-    loaded_config, model = checkpoint_io.load_hf_pretrained(
-      config.init_from,
-      dtype=m.dtype,
-      param_dtype=m.param_dtype,
-      scan_layers=m.scan_layers,
-      remat_policy=m.remat_policy,
-    )
+    loaded_config, model = checkpoint_io.load_hf_pretrained(config.init_from, **_runtime_fields(m))
   except (OSError, ValueError) as e:  # missing, truncated or corrupted weights, named
     raise _field_error("init_from", config.init_from, f"cannot be loaded: {e}") from e
   if loaded_config != setup.model_config:  # both come from one config.json
